@@ -1,0 +1,494 @@
+"""ShardedAdam: Keras' Adam with its state partitioned across workers (ZeRO-1).
+
+One step, on every worker:
+
+1. flatten the local gradients into one flat buffer per dtype bucket;
+2. reduce-scatter (sum) each bucket: the worker receives only its shard of the
+   summed gradient (Keras' ``train_step`` already scaled the loss by 1/N, so the
+   sum is the global mean, exactly as with Keras' own all-reduce);
+3. clip on the global picture: per-shard partial sums of squares are combined
+   with one small all-reduce (per-variable sums for ``clipnorm``, the total for
+   ``global_clipnorm``);
+4. apply weight decay and the Adam update to the worker's shard of the
+   parameters with its shard of ``m``, ``v`` (and ``v_hat``);
+5. all-gather the updated parameter shards and write them into the replicated
+   model variables, identical everywhere.
+
+Collectives per step: one reduce-scatter and one all-gather per bucket, plus
+at most one small all-reduce in total, whatever the number of variables.
+"""
+
+from __future__ import annotations
+
+import numbers
+import re
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from distadam import adam_math
+from distadam.comm import resolve_backend
+from distadam.partition import Layout, plan_layout
+
+_STATE_KINDS = ("momentum", "velocity", "velocity_hat", "average", "accumulator")
+
+
+def _require_real(name, value, *, low=None, high=None, high_open=False, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}: {value!r}")
+    if not np.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, got {name}={value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"`{name}` must be >= {low}, got {name}={value!r}")
+    if high is not None and (value >= high if high_open else value > high):
+        bound = f"< {high}" if high_open else f"<= {high}"
+        raise ValueError(f"`{name}` must be {bound}, got {name}={value!r}")
+
+
+@keras.saving.register_keras_serializable(package="distadam")
+class ShardedAdam(keras.optimizers.Optimizer):
+    """Drop-in for ``keras.optimizers.Adam`` that shards ``m``/``v``/``v_hat``
+    (and the EMA weights and gradient accumulators) across workers.
+
+    Takes every argument ``keras.optimizers.Adam`` takes, with the same
+    defaults, plus:
+
+    Args:
+        backend: ``"auto"`` (tf.distribute when a strategy is active, Horovod
+            when it is initialised and no strategy is), ``"tf.distribute"`` or
+            ``"horovod"``.
+        bucket_elements: optional cap on elements per flat bucket. ``None``
+            (default) keeps one bucket per dtype: the fewest collectives.
+        shard_alignment: round shard sizes up to a multiple of this.
+
+    Gradients are summed across workers once, inside the optimizer, as Keras
+    does; ``model.fit`` scales the loss by 1/N so the sum is the mean. In a
+    custom loop scale the per-replica loss by 1/global_batch (e.g.
+    ``tf.nn.compute_average_loss``), as with any tf.distribute optimizer.
+    Sparse gradients (``tf.IndexedSlices``) are densified into the bucket.
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.001,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-7,
+        amsgrad=False,
+        weight_decay=None,
+        clipnorm=None,
+        clipvalue=None,
+        global_clipnorm=None,
+        use_ema=False,
+        ema_momentum=0.99,
+        ema_overwrite_frequency=None,
+        loss_scale_factor=None,
+        gradient_accumulation_steps=None,
+        name=None,
+        backend="auto",
+        bucket_elements=None,
+        shard_alignment=1,
+        **kwargs,
+    ):
+        # Keras checks these itself but accepts values PyTorch's Adam rejects.
+        if isinstance(learning_rate, numbers.Real) and not isinstance(learning_rate, bool):
+            _require_real("learning_rate", learning_rate, low=0.0)
+            learning_rate = float(learning_rate)
+        _require_real("beta_1", beta_1, low=0.0, high=1.0, high_open=True)
+        _require_real("beta_2", beta_2, low=0.0, high=1.0, high_open=True)
+        _require_real("epsilon", epsilon, low=0.0)
+        if not isinstance(amsgrad, (bool, np.bool_)):
+            raise TypeError(f"`amsgrad` must be a bool, got {type(amsgrad).__name__}: {amsgrad!r}")
+        _require_real("weight_decay", weight_decay, low=0.0, allow_none=True)
+        for arg_name, value in (
+            ("clipnorm", clipnorm),
+            ("clipvalue", clipvalue),
+            ("global_clipnorm", global_clipnorm),
+        ):
+            _require_real(arg_name, value, low=0.0, allow_none=True)
+        _require_real("ema_momentum", ema_momentum, low=0.0, high=1.0)
+        _require_real("loss_scale_factor", loss_scale_factor, allow_none=True)
+        if loss_scale_factor is not None and loss_scale_factor <= 0:
+            raise ValueError(f"`loss_scale_factor` must be > 0, got loss_scale_factor={loss_scale_factor!r}")
+        if gradient_accumulation_steps is not None and (
+            isinstance(gradient_accumulation_steps, bool)
+            or not isinstance(gradient_accumulation_steps, numbers.Integral)
+        ):
+            raise TypeError(
+                "`gradient_accumulation_steps` must be an integer >= 2 or None, got "
+                f"{gradient_accumulation_steps!r}"
+            )
+        if not isinstance(backend, str):
+            raise TypeError(f"`backend` must be a string, got {backend!r}")
+        if bucket_elements is not None and (
+            isinstance(bucket_elements, bool)
+            or not isinstance(bucket_elements, numbers.Integral)
+            or bucket_elements < 1
+        ):
+            raise ValueError(f"`bucket_elements` must be a positive integer or None, got {bucket_elements!r}")
+        if (
+            isinstance(shard_alignment, bool)
+            or not isinstance(shard_alignment, numbers.Integral)
+            or shard_alignment < 1
+        ):
+            raise ValueError(f"`shard_alignment` must be a positive integer, got {shard_alignment!r}")
+
+        super().__init__(
+            learning_rate=learning_rate,
+            name=name or "sharded_adam",
+            weight_decay=weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            use_ema=use_ema,
+            ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency,
+            loss_scale_factor=loss_scale_factor,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            **kwargs,
+        )
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+        self.amsgrad = bool(amsgrad)
+        self.backend = backend
+        self.bucket_elements = None if bucket_elements is None else int(bucket_elements)
+        self.shard_alignment = int(shard_alignment)
+        self._collectives = None
+        self._layout = None
+
+    # ------------------------------------------------------------------ build
+    def build(self, var_list):
+        if self.built:
+            return
+        # Not super().build(): Keras would allocate full-size EMA copies and
+        # gradient accumulators; here they are sharded like m and v.
+        var_list = list(var_list)
+        self._trainable_variables_indices = {}
+        for index, variable in enumerate(var_list):
+            self._trainable_variables_indices[self._var_key(variable)] = index
+        self._trainable_variables = var_list[:]
+
+        if tf.distribute.has_strategy():
+            self._distribution_strategy = tf.distribute.get_strategy()
+        collectives = resolve_backend(self.backend)
+        layout = plan_layout(
+            var_list,
+            num_shards=collectives.num_workers,
+            bucket_elements=self.bucket_elements,
+            shard_alignment=self.shard_alignment,
+        )
+        self._collectives = collectives
+        self._layout = layout
+        self._shard_state = {kind: [] for kind in self._state_kinds()}
+        options = collectives.state_variable_options()
+        for bucket_index, bucket in enumerate(layout.buckets):
+            for kind in self._state_kinds():
+                # init_scope: a first apply_gradients inside tf.function must
+                # not leave lifted, conditionally initialised state behind.
+                with tf.init_scope(), keras.name_scope(self.name, caller=self):
+                    variable = keras.Variable(
+                        initializer=keras.initializers.Zeros(),
+                        shape=(bucket.shard_size,),
+                        dtype=bucket.dtype,
+                        trainable=False,
+                        name=f"bucket{bucket_index}_{bucket.dtype}_{kind}_shard",
+                        **options,
+                    )
+                self._track_variable(variable)
+                self._shard_state[kind].append(variable)
+        self.built = True
+
+    def _state_kinds(self):
+        kinds = ["momentum", "velocity"]
+        if self.amsgrad:
+            kinds.append("velocity_hat")
+        if self.use_ema:
+            kinds.append("average")
+        if self.gradient_accumulation_steps:
+            kinds.append("accumulator")
+        return kinds
+
+    # ------------------------------------------------------------------- step
+    def _backend_apply_gradients(self, grads, trainable_variables):
+        comm = self._collectives
+        layout = self._layout
+        grads_by_index = {
+            self._get_variable_index(v): g for g, v in zip(grads, trainable_variables)
+        }
+        worker = comm.worker_index()
+        learning_rate = self.learning_rate
+        iterations = self.iterations  # accumulated iterations, as Keras' Adam uses
+
+        grad_shards = [
+            comm.reduce_scatter_sum(self._flatten(bucket, grads_by_index, like="zeros"))
+            for bucket in layout.buckets
+        ]
+        segment_ids = [
+            self._segment_ids(bucket, worker) if self._needs_segments(bucket, grads_by_index) else None
+            for bucket in layout.buckets
+        ]
+
+        is_update_step = None
+        if self.gradient_accumulation_steps:
+            steps = self.gradient_accumulation_steps
+            is_update_step = (self._iterations + 1) % steps == 0
+            accumulated = []
+            for b, shard in enumerate(grad_shards):
+                accumulator = self._shard_state["accumulator"][b]
+                total = shard + accumulator
+                accumulator.assign(tf.where(is_update_step, tf.zeros_like(total), total))
+                accumulated.append(total / steps)
+            grad_shards = accumulated
+
+        grad_shards = self._clip(grad_shards, segment_ids, comm)
+
+        gather_sources = []
+        for b, bucket in enumerate(layout.buckets):
+            gather_sources.append(
+                self._update_bucket(
+                    b, bucket, grad_shards[b], segment_ids[b], grads_by_index,
+                    worker, learning_rate, iterations, is_update_step,
+                )
+            )
+
+        for b, bucket in enumerate(layout.buckets):
+            flat_params = comm.all_gather(gather_sources[b])
+            self._write_bucket(bucket, flat_params, grads_by_index)
+
+    def _update_bucket(self, b, bucket, grad, segment_ids, grads_by_index, worker,
+                       learning_rate, iterations, is_update_step):
+        """Weight decay + Adam (+ EMA) on this worker's shard; returns the shard
+        to all-gather into the model variables."""
+        state = {kind: variables[b] for kind, variables in self._shard_state.items()}
+        param_old = self._own_param_shard(bucket, worker)
+        grad = tf.cast(grad, param_old.dtype)
+
+        param = param_old
+        if self.weight_decay is not None:
+            decayed = adam_math.decoupled_weight_decay(
+                param, weight_decay=self.weight_decay, learning_rate=learning_rate
+            )
+            decay_mask = self._segment_mask(
+                bucket, segment_ids,
+                lambda seg: seg.variable_index in grads_by_index
+                and self._use_weight_decay(self._trainable_variables[seg.variable_index]),
+            )
+            param = decayed if decay_mask is None else tf.where(decay_mask, decayed, param)
+
+        new_param, m, v, v_hat = adam_math.adam_update(
+            param, grad,
+            state["momentum"].value, state["velocity"].value,
+            state["velocity_hat"].value if self.amsgrad else None,
+            step=iterations + 1, learning_rate=learning_rate,
+            beta_1=self.beta_1, beta_2=self.beta_2, epsilon=self.epsilon,
+        )
+
+        # Variables without a gradient this step keep everything unchanged,
+        # like Keras, which filters them out before the update.
+        keep = self._segment_mask(bucket, segment_ids, lambda seg: seg.variable_index in grads_by_index)
+        if is_update_step is not None:
+            keep = is_update_step if keep is None else tf.logical_and(keep, is_update_step)
+
+        def select(new, old):
+            return new if keep is None else tf.where(keep, new, old)
+
+        new_param = select(new_param, param_old)
+        state["momentum"].assign(select(m, state["momentum"].value))
+        state["velocity"].assign(select(v, state["velocity"].value))
+        if self.amsgrad:
+            state["velocity_hat"].assign(select(v_hat, state["velocity_hat"].value))
+
+        if not self.use_ema:
+            return new_param
+        average = adam_math.ema_update(
+            state["average"].value, new_param,
+            momentum=self.ema_momentum, not_first_step=tf.not_equal(iterations, 0),
+        )
+        state["average"].assign(average)
+        if self.ema_overwrite_frequency:
+            overwrite = (iterations + 1) % self.ema_overwrite_frequency == 0
+            return tf.where(overwrite, average, new_param)
+        return new_param
+
+    def _clip(self, grad_shards, segment_ids, comm):
+        """Clip on the reduced gradient, from per-shard partial sums."""
+        if self.clipvalue and self.clipvalue > 0:
+            return [adam_math.clip_by_value(g, tf.cast(self.clipvalue, g.dtype)) for g in grad_shards]
+        if self.global_clipnorm and self.global_clipnorm > 0:
+            partial = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in grad_shards])
+            scale = adam_math.global_norm_scale(comm.all_reduce_sum(partial), self.global_clipnorm)
+            return [g * tf.cast(scale, g.dtype) for g in grad_shards]
+        if self.clipnorm and self.clipnorm > 0:
+            # One all-reduce for all buckets: concatenated per-variable sums.
+            partial_sums, counts = [], []
+            for g, bucket, ids in zip(grad_shards, self._layout.buckets, segment_ids):
+                count = len(bucket.segments)
+                sums = tf.math.unsorted_segment_sum(tf.square(tf.cast(g, tf.float32)), ids, count + 1)
+                partial_sums.append(sums[:count])
+                counts.append(count)
+            total = comm.all_reduce_sum(tf.concat(partial_sums, axis=0))
+            clipped = []
+            for g, ids, sums in zip(grad_shards, segment_ids, tf.split(total, counts)):
+                divisor = adam_math.per_variable_norm_divisor(sums, self.clipnorm)
+                divisor = tf.concat([divisor, [self.clipnorm]], axis=0)  # padding segment
+                clip = tf.cast(self.clipnorm, g.dtype)
+                clipped.append(g * clip / tf.cast(tf.gather(divisor, ids), g.dtype))
+            return clipped
+        return grad_shards
+
+    # ------------------------------------------------------- layout plumbing
+    def _flatten(self, bucket, tensors_by_index, like):
+        pieces = []
+        for seg in bucket.segments:
+            tensor = tensors_by_index.get(seg.variable_index)
+            if tensor is None:
+                tensor = tf.zeros([seg.size], dtype=bucket.dtype)
+            elif isinstance(tensor, tf.IndexedSlices):
+                tensor = tf.convert_to_tensor(tensor)
+            pieces.append(tf.reshape(tf.cast(tensor, bucket.dtype), [-1]))
+        if bucket.padding:
+            pieces.append(tf.zeros([bucket.padding], dtype=bucket.dtype))
+        return tf.concat(pieces, axis=0) if len(pieces) > 1 else pieces[0]
+
+    def _own_param_shard(self, bucket, worker):
+        values = {
+            seg.variable_index: self._trainable_variables[seg.variable_index].value
+            for seg in bucket.segments
+        }
+        flat = self._flatten(bucket, values, like="params")
+        return tf.gather(tf.reshape(flat, [bucket.num_shards, bucket.shard_size]), worker)
+
+    def _write_bucket(self, bucket, flat, grads_by_index):
+        flat = flat[: bucket.num_elements]
+        pieces = tf.split(flat, [seg.size for seg in bucket.segments])
+        targets, values = [], []
+        for seg, piece in zip(bucket.segments, pieces):
+            if seg.variable_index in grads_by_index:
+                targets.append(self._trainable_variables[seg.variable_index])
+                values.append(tf.reshape(piece, seg.shape))
+        self._collectives.assign_replicated(targets, values)
+
+    def _needs_segments(self, bucket, grads_by_index):
+        if self.clipnorm and self.clipnorm > 0:
+            return True
+        if any(seg.variable_index not in grads_by_index for seg in bucket.segments):
+            return True
+        if self.weight_decay is not None:
+            return not all(
+                self._use_weight_decay(self._trainable_variables[seg.variable_index])
+                for seg in bucket.segments
+            )
+        return False
+
+    def _segment_ids(self, bucket, worker):
+        """Index of the variable owning each element of this worker's shard
+        (``len(segments)`` for padding). Computed, not stored: a stored table
+        would cost as much memory as a parameter copy."""
+        index_dtype = tf.int64 if bucket.padded_size >= 2**31 else tf.int32
+        start = tf.cast(worker, index_dtype) * bucket.shard_size
+        positions = start + tf.range(bucket.shard_size, dtype=index_dtype)
+        ends = tf.constant([seg.end for seg in bucket.segments], dtype=index_dtype)
+        return tf.searchsorted(ends, positions, side="right", out_type=tf.int32)
+
+    def _segment_mask(self, bucket, segment_ids, predicate):
+        flags = [bool(predicate(seg)) for seg in bucket.segments]
+        if all(flags):
+            return None
+        table = tf.constant(flags + [False], dtype=tf.bool)
+        return tf.gather(table, segment_ids)
+
+    # -------------------------------------------------------- introspection
+    @property
+    def layout(self) -> Layout:
+        self._require_built("layout")
+        return self._layout
+
+    @property
+    def num_shards(self) -> int:
+        self._require_built("num_shards")
+        return self._layout.num_shards
+
+    def shard_layout(self) -> list:
+        """Which element ranges of which variables each worker owns."""
+        return self.layout.describe()
+
+    def state_bytes_per_replica(self) -> dict:
+        """Bytes of sharded optimizer state allocated on each local device,
+        summed from the actual variable copies (not computed from a formula)."""
+        self._require_built("state_bytes_per_replica")
+        totals = {}
+        for variables in self._shard_state.values():
+            for variable in variables:
+                for device, component in self._collectives.local_components(variable):
+                    nbytes = int(np.prod(component.shape)) * component.dtype.size
+                    totals[device] = totals.get(device, 0) + nbytes
+        return totals
+
+    def _require_built(self, what):
+        if not self.built:
+            raise ValueError(
+                f"{what} is only known once the optimizer is built: call "
+                "optimizer.build(model.trainable_variables) or train a step first."
+            )
+
+    # ------------------------------------------------------------- overrides
+    def finalize_variable_values(self, var_list):
+        if self.use_ema and self.built:
+            self._overwrite_model_variables_with_average_value(var_list)
+
+    def _overwrite_model_variables_with_average_value(self, trainable_variables):
+        averages = self.gather_full_state("average")
+        for variable in trainable_variables:
+            key = self._var_key(variable)
+            index = self._trainable_variables_indices.get(key)
+            if index is not None:
+                variable.assign(averages[index])
+
+    def gather_full_state(self, kind) -> list:
+        """Full (unsharded) values of one state kind, one numpy array per
+        trainable variable in build order. A collective: call it on every
+        worker at the same point."""
+        self._require_built("gather_full_state")
+        if kind not in self._shard_state:
+            raise ValueError(f"No {kind!r} state; this optimizer has {sorted(self._shard_state)}")
+        flats = _gather_shards(self._collectives, self._shard_state[kind])
+        result = [None] * len(self._trainable_variables)
+        for bucket, flat in zip(self._layout.buckets, flats):
+            for seg in bucket.segments:
+                result[seg.variable_index] = flat[seg.offset: seg.end].reshape(seg.shape)
+        return result
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "beta_1": self.beta_1,
+                "beta_2": self.beta_2,
+                "epsilon": self.epsilon,
+                "amsgrad": self.amsgrad,
+                "backend": self.backend,
+                "bucket_elements": self.bucket_elements,
+                "shard_alignment": self.shard_alignment,
+            }
+        )
+        return config
+
+
+def _gather_shards(collectives, variables) -> list:
+    """All-gather each per-worker variable; numpy arrays of the full buckets."""
+    if collectives.num_workers == 1:
+        return [np.asarray(collectives.local_components(v)[0][1]) for v in variables]
+    strategy = getattr(collectives, "strategy", None)
+    if strategy is None:
+        return [np.asarray(t) for t in collectives.gather_eagerly([v.value for v in variables])]
+
+    @tf.function
+    def gather():
+        return strategy.run(lambda: [collectives.all_gather(v.value) for v in variables])
+
+    gathered = gather()
+    return [np.asarray(strategy.experimental_local_results(g)[0]) for g in gathered]

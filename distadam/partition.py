@@ -1,0 +1,179 @@
+"""Partition bookkeeping: how trainable variables map onto flat, sharded buckets.
+
+Variables of one dtype are laid end to end in a flat bucket (in the order the
+optimizer was built with). The bucket is padded to ``num_shards * shard_size``
+and cut into ``num_shards`` contiguous, equally sized shards; shard ``r`` belongs
+to worker ``r``. Only the last shard(s) hold padding, so uneven sizes (e.g. 3
+workers) cost at most ``num_shards - 1`` padded elements per bucket.
+
+Everything here is plain Python and static: the layout is decided once, at
+build time, and is identical on every worker because it depends only on the
+variables' shapes and dtypes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """One trainable variable's place inside a bucket."""
+
+    variable_index: int  # position in the optimizer's trainable-variable list
+    name: str
+    shape: tuple
+    offset: int
+    size: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+    """A flat run of same-dtype variables, split into equal contiguous shards."""
+
+    dtype: str
+    segments: tuple
+    num_shards: int
+    shard_size: int
+
+    @property
+    def num_elements(self) -> int:
+        return self.segments[-1].end if self.segments else 0
+
+    @property
+    def padded_size(self) -> int:
+        return self.num_shards * self.shard_size
+
+    @property
+    def padding(self) -> int:
+        return self.padded_size - self.num_elements
+
+    def shard_range(self, shard: int) -> tuple:
+        """[start, stop) of real (non-padding) elements owned by ``shard``."""
+        if not 0 <= shard < self.num_shards:
+            raise IndexError(f"shard {shard} out of range for {self.num_shards} shards")
+        start = min(shard * self.shard_size, self.num_elements)
+        stop = min((shard + 1) * self.shard_size, self.num_elements)
+        return start, stop
+
+    def owned_pieces(self, shard: int) -> list:
+        """(segment, start, stop) element ranges of each variable inside ``shard``,
+        with start/stop relative to the variable's own flattened values."""
+        lo, hi = self.shard_range(shard)
+        pieces = []
+        for seg in self.segments:
+            start, stop = max(lo, seg.offset), min(hi, seg.end)
+            if start < stop:
+                pieces.append((seg, start - seg.offset, stop - seg.offset))
+        return pieces
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """All buckets for one set of trainable variables and one worker count."""
+
+    buckets: tuple
+    num_shards: int
+
+    @property
+    def num_variables(self) -> int:
+        return sum(len(b.segments) for b in self.buckets)
+
+    def describe(self) -> list:
+        """Human-readable ownership table: one dict per (bucket, shard)."""
+        rows = []
+        for bucket_index, bucket in enumerate(self.buckets):
+            for shard in range(self.num_shards):
+                lo, hi = bucket.shard_range(shard)
+                rows.append(
+                    {
+                        "bucket": bucket_index,
+                        "dtype": bucket.dtype,
+                        "shard": shard,
+                        "elements": [lo, hi],
+                        "padding": bucket.shard_size - (hi - lo),
+                        "variables": [
+                            {"name": seg.name, "range": [start, stop], "of": seg.size}
+                            for seg, start, stop in bucket.owned_pieces(shard)
+                        ],
+                    }
+                )
+        return rows
+
+
+def _num_elements(shape) -> int:
+    return int(math.prod(int(d) for d in shape))
+
+
+def plan_layout(
+    variables: Sequence,
+    num_shards: int,
+    bucket_elements: int | None = None,
+    shard_alignment: int = 1,
+) -> Layout:
+    """Lay out ``variables`` (anything with .shape, .dtype, .name) in buckets.
+
+    Args:
+        variables: trainable variables in the optimizer's order.
+        num_shards: number of workers sharing the optimizer state.
+        bucket_elements: optional cap on elements per bucket. ``None`` keeps one
+            bucket per dtype, the fewest collectives. A variable larger than the
+            cap gets a bucket of its own; variables are never split across buckets.
+        shard_alignment: round the shard size up to a multiple of this (e.g. 128
+            on accelerators that like aligned DMA); 1 means no extra padding.
+    """
+    if not isinstance(num_shards, int) or num_shards < 1:
+        raise ValueError(f"num_shards must be a positive integer, got {num_shards!r}")
+    if bucket_elements is not None and (
+        not isinstance(bucket_elements, int) or bucket_elements < 1
+    ):
+        raise ValueError(
+            f"bucket_elements must be a positive integer or None, got {bucket_elements!r}"
+        )
+    if not isinstance(shard_alignment, int) or shard_alignment < 1:
+        raise ValueError(
+            f"shard_alignment must be a positive integer, got {shard_alignment!r}"
+        )
+
+    groups = {}  # dtype -> list of lists of (index, variable)
+    for index, variable in enumerate(variables):
+        dtype = _dtype_name(variable.dtype)
+        runs = groups.setdefault(dtype, [[]])
+        size = _num_elements(variable.shape)
+        current = runs[-1]
+        current_size = sum(_num_elements(v.shape) for _, v in current)
+        if bucket_elements is not None and current and current_size + size > bucket_elements:
+            runs.append([])
+        runs[-1].append((index, variable))
+
+    buckets = []
+    for dtype, runs in groups.items():
+        for run in runs:
+            segments, offset = [], 0
+            for index, variable in run:
+                size = _num_elements(variable.shape)
+                segments.append(
+                    Segment(
+                        variable_index=index,
+                        name=str(getattr(variable, "path", None) or variable.name),
+                        shape=tuple(int(d) for d in variable.shape),
+                        offset=offset,
+                        size=size,
+                    )
+                )
+                offset += size
+            shard_size = max(1, -(-offset // num_shards))
+            shard_size = -(-shard_size // shard_alignment) * shard_alignment
+            buckets.append(Bucket(dtype, tuple(segments), num_shards, shard_size))
+    return Layout(tuple(buckets), num_shards)
+
+
+def _dtype_name(dtype) -> str:
+    name = getattr(dtype, "name", dtype)
+    return str(name)

@@ -1,0 +1,134 @@
+"""Shared pieces of the test workers: model, data, reference optimizer, steps.
+
+Workers run in their own processes because TF allows one distribution
+strategy per process (a second one collides on collective keys)."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import tensorflow as tf
+import keras
+
+GLOBAL_BATCH = 24
+VOCAB = 30
+
+
+def use_logical_cpus(n):
+    cpus = tf.config.list_physical_devices("CPU")
+    tf.config.set_logical_device_configuration(
+        cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(n)]
+    )
+
+
+def make_model(seed=7):
+    """Variables of several shapes and sizes, including a sparse-gradient Embedding."""
+    keras.utils.set_random_seed(seed)
+    tokens = keras.Input((5,), dtype="int32", name="tokens")
+    dense_in = keras.Input((3,), name="features")
+    x = keras.layers.Embedding(VOCAB, 6, name="embed")(tokens)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Concatenate()([x, dense_in])
+    x = keras.layers.Dense(11, activation="tanh", name="hidden")(x)
+    x = keras.layers.Dense(7, activation="relu", use_bias=False, name="nobias")(x)
+    out = keras.layers.Dense(2, name="head")(x)
+    return keras.Model([tokens, dense_in], out)
+
+
+def make_data(steps, seed=0, scale=1.0):
+    rng = np.random.default_rng(seed)
+    n = steps * GLOBAL_BATCH
+    tokens = rng.integers(0, VOCAB, size=(n, 5)).astype("int32")
+    features = rng.normal(size=(n, 3)).astype("float32")
+    targets = (scale * rng.normal(size=(n, 2))).astype("float32")
+    return (tokens, features), targets
+
+
+class DenseGradientAdam(keras.optimizers.Adam):
+    """Keras Adam applied to the densified gradient.
+
+    Keras' Adam squares tf.IndexedSlices values before summing duplicate rows
+    (so v gets sum(g_i^2) instead of (sum g_i)^2); Adam on the mean gradient
+    of the batch is the dense update, which is what ShardedAdam computes."""
+
+    def apply(self, grads, trainable_variables=None):
+        grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+        return super().apply(grads, trainable_variables)
+
+
+def build_kwargs(case):
+    kwargs = dict(case.get("kwargs", {}))
+    schedule = case.get("schedule")
+    if schedule:
+        kwargs["learning_rate"] = keras.optimizers.schedules.ExponentialDecay(**schedule)
+    return kwargs
+
+
+def configure(optimizer, case):
+    if case.get("exclude_from_weight_decay"):
+        optimizer.exclude_from_weight_decay(var_names=case["exclude_from_weight_decay"])
+    return optimizer
+
+
+def loss_fn(y, pred):
+    return tf.reduce_mean(tf.square(y - pred), axis=-1)
+
+
+def train_custom_loop(strategy, model, optimizer, data, steps):
+    """strategy.run + apply_gradients, the loss averaged over the global batch."""
+    (tokens, features), targets = data
+    dataset = tf.data.Dataset.from_tensor_slices(((tokens, features), targets)).batch(
+        GLOBAL_BATCH, drop_remainder=True
+    )
+    dist = strategy.experimental_distribute_dataset(dataset)
+
+    @tf.function
+    def train_step(batch):
+        def step_fn(inputs, y):
+            with tf.GradientTape() as tape:
+                pred = model(inputs, training=True)
+                loss = tf.nn.compute_average_loss(loss_fn(y, pred), global_batch_size=GLOBAL_BATCH)
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return loss
+
+        return strategy.run(step_fn, args=batch)
+
+    for i, batch in enumerate(dist):
+        if i >= steps:
+            break
+        train_step(batch)
+    optimizer.finalize_variable_values(model.trainable_variables)
+
+
+def max_relative_difference(weights, reference):
+    """max over tensors of ||a - b||_inf / ||b||_inf."""
+    worst = 0.0
+    for a, b in zip(weights, reference):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        worst = max(worst, float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12)))
+    return worst
+
+
+def first_step_gradients(data):
+    """Mean gradient of the first global batch on a fresh model (dense)."""
+    model = make_model()
+    (tokens, features), targets = data
+    x = (tokens[:GLOBAL_BATCH], features[:GLOBAL_BATCH])
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(loss_fn(targets[:GLOBAL_BATCH], model(x, training=True)))
+    return [tf.convert_to_tensor(g).numpy() for g in tape.gradient(loss, model.trainable_variables)]
+
+
+def clipping_triggered(case, data):
+    """Whether the configured clipping changes the first step's gradient."""
+    kwargs = case.get("kwargs", {})
+    grads = first_step_gradients(data)
+    if kwargs.get("global_clipnorm"):
+        return float(np.sqrt(sum(np.sum(g**2) for g in grads))) > kwargs["global_clipnorm"]
+    if kwargs.get("clipnorm"):
+        return any(float(np.linalg.norm(g)) > kwargs["clipnorm"] for g in grads)
+    if kwargs.get("clipvalue"):
+        return any(float(np.max(np.abs(g))) > kwargs["clipvalue"] for g in grads)
+    return None

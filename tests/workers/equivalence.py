@@ -1,0 +1,65 @@
+"""Train the same model with ShardedAdam under MirroredStrategy(N logical CPUs)
+and with Keras Adam on one device; print one JSON line per case.
+
+usage: python equivalence.py N CASES_JSON
+"""
+
+import json
+import sys
+
+import numpy as np
+
+import common  # noqa: F401  (sets TF logging before TF loads)
+
+num_replicas = int(sys.argv[1])
+cases = json.loads(sys.argv[2])
+common.use_logical_cpus(num_replicas)
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import distadam  # noqa: E402
+
+strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(num_replicas)])
+default = tf.distribute.get_strategy()
+
+for case in cases:
+    steps = case.get("steps", 60)
+    data = common.make_data(steps, scale=case.get("target_scale", 1.0))
+
+    reference_model = common.make_model()
+    reference_opt = common.configure(common.DenseGradientAdam(**common.build_kwargs(case)), case)
+    with strategy.scope():
+        model = common.make_model()
+        opt = common.configure(distadam.ShardedAdam(**common.build_kwargs(case)), case)
+
+    if case.get("mode", "custom") == "fit":
+        (tokens, features), targets = data
+        reference_model.compile(optimizer=reference_opt, loss="mse")
+        reference_model.fit([tokens, features], targets, batch_size=common.GLOBAL_BATCH,
+                            shuffle=False, verbose=0)
+        model.compile(optimizer=opt, loss="mse")
+        model.fit([tokens, features], targets, batch_size=common.GLOBAL_BATCH, shuffle=False, verbose=0)
+    else:
+        common.train_custom_loop(default, reference_model, reference_opt, data, steps)
+        common.train_custom_loop(strategy, model, opt, data, steps)
+
+    weights = model.get_weights()
+    reference = reference_model.get_weights()
+    moved = common.max_relative_difference(common.make_model().get_weights(), reference)
+    result = {
+        "case": case["name"],
+        "replicas": num_replicas,
+        "max_rel_diff": common.max_relative_difference(weights, reference),
+        "reference_moved": moved,
+        "iterations": int(opt.iterations.numpy()),
+        "reference_iterations": int(reference_opt.iterations.numpy()),
+        "clipping_triggered": common.clipping_triggered(case, data),
+        "state_bytes_per_replica": opt.state_bytes_per_replica(),
+        "reference_state_bytes": int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize
+                                         for v in reference_opt.variables
+                                         if v.name not in ("iteration", "learning_rate"))),
+        "param_counts": [int(np.prod(v.shape)) for v in model.trainable_variables],
+        "layout": opt.shard_layout(),
+    }
+    print("RESULT " + json.dumps(result), flush=True)
