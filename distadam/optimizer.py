@@ -110,6 +110,15 @@ class ShardedAdam(keras.optimizers.Optimizer):
         ):
             _require_real(arg_name, value, low=0.0, allow_none=True)
         _require_real("ema_momentum", ema_momentum, low=0.0, high=1.0)
+        if ema_overwrite_frequency is not None and (
+            isinstance(ema_overwrite_frequency, bool)
+            or not isinstance(ema_overwrite_frequency, numbers.Integral)
+            or ema_overwrite_frequency < 1
+        ):
+            raise ValueError(
+                "`ema_overwrite_frequency` must be an integer >= 1 or None, got "
+                f"ema_overwrite_frequency={ema_overwrite_frequency!r}"
+            )
         _require_real("loss_scale_factor", loss_scale_factor, allow_none=True)
         if loss_scale_factor is not None and loss_scale_factor <= 0:
             raise ValueError(f"`loss_scale_factor` must be > 0, got loss_scale_factor={loss_scale_factor!r}")
@@ -213,6 +222,12 @@ class ShardedAdam(keras.optimizers.Optimizer):
         return kinds
 
     # ------------------------------------------------------------------- step
+    def apply(self, grads, trainable_variables=None):
+        # Densify sparse gradients up front: they go into a dense bucket anyway,
+        # and Keras' own loss-scale unscaling cannot divide an IndexedSlices.
+        grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+        return super().apply(grads, trainable_variables)
+
     def _backend_apply_gradients(self, grads, trainable_variables):
         comm = self._collectives
         layout = self._layout
@@ -275,7 +290,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
             decay_mask = self._segment_mask(
                 bucket, segment_ids,
                 lambda seg: seg.variable_index in grads_by_index
-                and self._use_weight_decay(self._trainable_variables[seg.variable_index]),
+                and self._decays(seg.variable_index),
             )
             param = decayed if decay_mask is None else tf.where(decay_mask, decayed, param)
 
@@ -347,8 +362,6 @@ class ShardedAdam(keras.optimizers.Optimizer):
             tensor = tensors_by_index.get(seg.variable_index)
             if tensor is None:
                 tensor = tf.zeros([seg.size], dtype=bucket.dtype)
-            elif isinstance(tensor, tf.IndexedSlices):
-                tensor = tf.convert_to_tensor(tensor)
             pieces.append(tf.reshape(tf.cast(tensor, bucket.dtype), [-1]))
         if bucket.padding:
             pieces.append(tf.zeros([bucket.padding], dtype=bucket.dtype))
@@ -378,11 +391,15 @@ class ShardedAdam(keras.optimizers.Optimizer):
         if any(seg.variable_index not in grads_by_index for seg in bucket.segments):
             return True
         if self.weight_decay is not None:
-            return not all(
-                self._use_weight_decay(self._trainable_variables[seg.variable_index])
-                for seg in bucket.segments
-            )
+            return not all(self._decays(seg.variable_index) for seg in bucket.segments)
         return False
+
+    def _decays(self, variable_index):
+        # Keras' TF optimizer matches exclusion patterns against the tf.Variable
+        # name, which includes the layer path ("nobias/kernel:0" matches "bias").
+        # Match that, so weight decay is exactly Keras'.
+        variable = self._trainable_variables[variable_index]
+        return self._use_weight_decay(getattr(variable, "value", variable))
 
     def _segment_ids(self, bucket, worker):
         """Index of the variable owning each element of this worker's shard
@@ -461,6 +478,80 @@ class ShardedAdam(keras.optimizers.Optimizer):
             for seg in bucket.segments:
                 result[seg.variable_index] = flat[seg.offset: seg.end].reshape(seg.shape)
         return result
+
+    # ------------------------------------------------------ save / restore
+    def _adam_variable_order(self):
+        """(kind, variable_index) in the order ``keras.optimizers.Adam`` lists
+        its ``variables``, so saved state is plain Adam state."""
+        order = [("iteration", None)]
+        if isinstance(self._learning_rate, keras.Variable):
+            order.append(("learning_rate", None))
+        count = len(self._trainable_variables)
+        if self.use_ema:
+            order += [("average", i) for i in range(count)]
+        if self.gradient_accumulation_steps:
+            order += [("accumulator", i) for i in range(count)]
+        for i in range(count):
+            order += [("momentum", i), ("velocity", i)]
+        if self.amsgrad:
+            order += [("velocity_hat", i) for i in range(count)]
+        return order
+
+    def save_own_variables(self, store):
+        """Save consolidated state in ``keras.optimizers.Adam``'s layout.
+
+        A file written by ``model.save`` therefore loads into plain Adam, and
+        into ShardedAdam on any number of workers. Gathers the shards: under
+        multi-worker training every worker must call ``model.save``."""
+        if not self.built:
+            return super().save_own_variables(store)
+        full = {kind: self.gather_full_state(kind) for kind in self._shard_state}
+        for key, (kind, index) in enumerate(self._adam_variable_order()):
+            if kind == "iteration":
+                value = self._iterations.numpy()
+            elif kind == "learning_rate":
+                value = self._learning_rate.numpy()
+            else:
+                value = full[kind][index]
+            store[str(key)] = value
+
+    def load_own_variables(self, store):
+        """Load Adam-layout state (from ShardedAdam on any worker count, or
+        from plain ``keras.optimizers.Adam``) and keep only the local shards."""
+        order = self._adam_variable_order()
+        if not self.built or len(store.keys()) != len(order):
+            return super().load_own_variables(store)
+        per_kind = {}
+        for key, (kind, index) in enumerate(order):
+            value = np.asarray(store[str(key)])
+            if kind == "iteration":
+                self._iterations.assign(value)
+            elif kind == "learning_rate":
+                self._learning_rate.assign(value)
+            else:
+                expected = tuple(self._trainable_variables[index].shape)
+                if value.shape != expected:
+                    raise ValueError(
+                        f"Saved {kind} for variable #{index} has shape {value.shape}, "
+                        f"expected {expected}: the checkpoint is for a different model."
+                    )
+                per_kind.setdefault(kind, {})[index] = value
+        for kind, values in per_kind.items():
+            self.load_full_state(kind, values)
+
+    def load_full_state(self, kind, values_by_index):
+        """Set one state kind from full per-variable arrays; each local replica
+        keeps only its shard."""
+        self._require_built("load_full_state")
+        comm = self._collectives
+        shard_ids = comm.local_worker_indices()
+        for bucket, variable in zip(self._layout.buckets, self._shard_state[kind]):
+            flat = np.zeros([bucket.padded_size], dtype=bucket.dtype)
+            for seg in bucket.segments:
+                flat[seg.offset: seg.end] = np.reshape(values_by_index[seg.variable_index], [-1])
+            shards = flat.reshape(bucket.num_shards, bucket.shard_size)
+            for (_, component), shard_id in zip(comm.local_components(variable), shard_ids):
+                component.assign(shards[shard_id])
 
     def get_config(self):
         config = super().get_config()

@@ -7,6 +7,7 @@ from distadam.comm.base import Collectives
 from distadam.comm.tf_distribute import DistributeCollectives
 
 BACKENDS = {"tf.distribute": "distadam.comm.tf_distribute:DistributeCollectives"}
+BACKENDS["horovod"] = "distadam.comm.horovod:HorovodCollectives"
 
 
 def register_backend(name: str, target: str) -> None:

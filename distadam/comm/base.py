@@ -66,6 +66,11 @@ class Collectives(abc.ABC):
         """Keras ``Variable`` options for per-worker (unmirrored) state."""
         return {}
 
+    def local_worker_indices(self) -> list:
+        """Shard index of each local component, in ``local_components`` order.
+        Called eagerly, outside any step."""
+        return [int(self.worker_index())]
+
     def local_components(self, variable) -> list:
         """(device, tensor-like) for each copy of ``variable`` held by this process."""
         value = getattr(variable, "value", variable)

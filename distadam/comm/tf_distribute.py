@@ -43,6 +43,8 @@ class DistributeCollectives(Collectives):
         return context
 
     def worker_index(self):
+        if self.num_workers == 1:
+            return tf.constant(0, tf.int32)
         index = self._context().replica_id_in_sync_group
         return tf.cast(index, tf.int32)
 
@@ -83,6 +85,14 @@ class DistributeCollectives(Collectives):
             return {}
         # ON_READ gives every replica its own copy: the replica's shard.
         return {"synchronization": "on_read", "aggregation": "none"}
+
+    def local_worker_indices(self):
+        if self.num_workers == 1:
+            return [0]
+        ids = self._strategy.run(
+            lambda: tf.distribute.get_replica_context().replica_id_in_sync_group
+        )
+        return [int(i) for i in self._strategy.experimental_local_results(ids)]
 
     def local_components(self, variable):
         value = getattr(variable, "value", variable)

@@ -1,0 +1,187 @@
+"""Constructor surface, validation, serialization and partition bookkeeping
+(in-process, default strategy only)."""
+
+import copy
+import inspect
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import distadam
+from distadam import ShardedAdam, plan_layout
+
+
+def test_signature_matches_keras_adam():
+    adam = inspect.signature(keras.optimizers.Adam.__init__).parameters
+    ours = inspect.signature(ShardedAdam.__init__).parameters
+    for name, param in adam.items():
+        assert name in ours, f"missing Adam argument {name}"
+        if name not in ("name",):
+            assert ours[name].default == param.default, name
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, mentions",
+    [
+        ({"clipnorm": 1.0, "clipvalue": 1.0}, ValueError, "clipnorm"),
+        ({"clipnorm": 1.0, "global_clipnorm": 1.0}, ValueError, "global_clipnorm"),
+        ({"not_an_argument": 1}, ValueError, "not_an_argument"),
+        ({"learning_rate": "fast"}, ValueError, "learning_rate"),
+        ({"learning_rate": -0.1}, ValueError, "learning_rate"),
+        ({"learning_rate": float("nan")}, ValueError, "learning_rate"),
+        ({"beta_1": 1.0}, ValueError, "beta_1"),
+        ({"beta_1": -0.1}, ValueError, "beta_1"),
+        ({"beta_2": 1.5}, ValueError, "beta_2"),
+        ({"beta_2": "0.9"}, TypeError, "beta_2"),
+        ({"epsilon": -1e-8}, ValueError, "epsilon"),
+        ({"weight_decay": -0.01}, ValueError, "weight_decay"),
+        ({"clipnorm": -1.0}, ValueError, "clipnorm"),
+        ({"amsgrad": "yes"}, TypeError, "amsgrad"),
+        ({"use_ema": True, "ema_momentum": 1.5}, ValueError, "ema_momentum"),
+        ({"use_ema": True, "ema_overwrite_frequency": 0}, ValueError, "ema_overwrite_frequency"),
+        ({"gradient_accumulation_steps": 1}, ValueError, "gradient_accumulation_steps"),
+        ({"gradient_accumulation_steps": 2.5}, TypeError, "gradient_accumulation_steps"),
+        ({"loss_scale_factor": 0.0}, ValueError, "loss_scale_factor"),
+        ({"bucket_elements": 0}, ValueError, "bucket_elements"),
+        ({"shard_alignment": 0}, ValueError, "shard_alignment"),
+        ({"backend": 3}, TypeError, "backend"),
+    ],
+)
+def test_bad_hyperparameters_are_rejected_by_name(kwargs, error, mentions):
+    with pytest.raises(error, match=mentions):
+        ShardedAdam(**kwargs)
+
+
+def test_keras_rejects_what_we_reject_for_clip_combinations():
+    # Same message family as Keras for the arguments Keras itself validates.
+    with pytest.raises(ValueError, match="Only one of"):
+        keras.optimizers.Adam(clipnorm=1.0, clipvalue=1.0)
+    with pytest.raises(ValueError, match="Only one of"):
+        ShardedAdam(clipnorm=1.0, clipvalue=1.0)
+
+
+def test_unknown_backend_is_reported_at_build():
+    opt = ShardedAdam(backend="carrier-pigeon")
+    with pytest.raises(ValueError, match="carrier-pigeon"):
+        opt.build([keras.Variable(np.zeros(3, "float32"))])
+
+
+def test_int_learning_rate_is_accepted_as_float():
+    assert float(ShardedAdam(learning_rate=1).learning_rate.numpy()) == 1.0
+
+
+def test_config_round_trip_with_schedule():
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.01, decay_steps=10000, decay_rate=0.96, staircase=True)
+    opt = ShardedAdam(learning_rate=schedule, beta_1=0.8, amsgrad=True, global_clipnorm=2.0,
+                      use_ema=True, gradient_accumulation_steps=4, bucket_elements=1000, name="opt")
+    config = opt.get_config()
+    restored = ShardedAdam.from_config(copy.deepcopy(config))
+    assert restored.get_config() == config
+    generic = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
+    assert isinstance(generic, ShardedAdam)
+    assert generic.get_config() == config
+
+
+def test_introspection_requires_build():
+    with pytest.raises(ValueError, match="built"):
+        ShardedAdam().state_bytes_per_replica()
+
+
+def test_single_worker_is_plain_adam_step_by_step():
+    rng = np.random.default_rng(0)
+    shapes = [(3, 4), (4,), (2, 2, 5)]
+    ours = [keras.Variable(rng.normal(size=s).astype("float32")) for s in shapes]
+    theirs = [keras.Variable(v.numpy()) for v in ours]
+    a, b = ShardedAdam(learning_rate=0.01), keras.optimizers.Adam(learning_rate=0.01)
+    for _ in range(20):
+        grads = [tf.constant(rng.normal(size=s).astype("float32")) for s in shapes]
+        a.apply_gradients(zip(grads, ours))
+        b.apply_gradients(zip(grads, theirs))
+    for x, y in zip(ours, theirs):
+        np.testing.assert_array_equal(x.numpy(), y.numpy())
+    assert a.num_shards == 1
+    assert sum(a.state_bytes_per_replica().values()) == 2 * 4 * sum(int(np.prod(s)) for s in shapes)
+
+
+def test_missing_gradient_leaves_variable_and_state_untouched():
+    ours = [keras.Variable(np.ones(3, "float32")), keras.Variable(np.ones(2, "float32"))]
+    theirs = [keras.Variable(np.ones(3, "float32")), keras.Variable(np.ones(2, "float32"))]
+    a, b = ShardedAdam(), keras.optimizers.Adam()
+    a.build(ours), b.build(theirs)
+    for _ in range(3):
+        with pytest.warns(UserWarning):
+            a.apply_gradients([(tf.ones(3), ours[0]), (None, ours[1])])
+        with pytest.warns(UserWarning):
+            b.apply_gradients([(tf.ones(3), theirs[0]), (None, theirs[1])])
+    np.testing.assert_array_equal(ours[1].numpy(), np.ones(2))
+    np.testing.assert_allclose(ours[0].numpy(), theirs[0].numpy())
+    np.testing.assert_array_equal(a.gather_full_state("momentum")[1], np.zeros(2))
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 3, 4, 7])
+def test_layout_covers_every_element_once(num_shards):
+    variables = [keras.Variable(np.zeros(s, "float32")) for s in [(5, 3), (7,), (1,), (2, 2)]]
+    variables.append(keras.Variable(np.zeros((3,), "float16")))
+    layout = plan_layout(variables, num_shards)
+    assert sorted(b.dtype for b in layout.buckets) == ["float16", "float32"]
+    for bucket in layout.buckets:
+        covered = []
+        for shard in range(num_shards):
+            lo, hi = bucket.shard_range(shard)
+            covered.extend(range(lo, hi))
+            pieces = bucket.owned_pieces(shard)
+            assert sum(stop - start for _, start, stop in pieces) == hi - lo
+        assert covered == list(range(bucket.num_elements))
+        assert 0 <= bucket.padding < num_shards
+
+
+def test_bucket_cap_splits_by_variable_not_inside_one():
+    variables = [keras.Variable(np.zeros(s, "float32")) for s in [(10,), (10,), (25,), (3,)]]
+    layout = plan_layout(variables, 2, bucket_elements=20)
+    assert [[s.size for s in b.segments] for b in layout.buckets] == [[10, 10], [25], [3]]
+
+
+def test_model_save_and_load_without_custom_objects(tmp_path):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(1)])
+    model.compile(optimizer=ShardedAdam(learning_rate=0.01, amsgrad=True), loss="mse")
+    x, y = np.random.default_rng(0).normal(size=(32, 4)), np.zeros((32, 1))
+    model.fit(x, y, epochs=2, verbose=0)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded.optimizer, ShardedAdam)
+    assert int(loaded.optimizer.iterations.numpy()) == int(model.optimizer.iterations.numpy())
+    for kind in ("momentum", "velocity", "velocity_hat"):
+        for a, b in zip(loaded.optimizer.gather_full_state(kind), model.optimizer.gather_full_state(kind)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_saved_state_is_plain_adam_state(tmp_path):
+    """A ShardedAdam checkpoint continues under keras.optimizers.Adam exactly."""
+    def make():
+        keras.utils.set_random_seed(3)
+        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(1)])
+
+    x, y = np.random.default_rng(0).normal(size=(64, 4)), np.random.default_rng(1).normal(size=(64, 1))
+    model = make()
+    model.compile(optimizer=ShardedAdam(learning_rate=0.01), loss="mse")
+    model.fit(x[:32], y[:32], batch_size=8, shuffle=False, verbose=0)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    plain = keras.models.load_model(path, custom_objects={}, compile=False)
+    plain.compile(optimizer=keras.optimizers.Adam(learning_rate=0.01), loss="mse")
+    plain.optimizer.build(plain.trainable_variables)
+    store = {}
+    model.optimizer.save_own_variables(store)
+    plain.optimizer.load_own_variables(store)
+    model.fit(x[32:], y[32:], batch_size=8, shuffle=False, verbose=0)
+    plain.fit(x[32:], y[32:], batch_size=8, shuffle=False, verbose=0)
+    for a, b in zip(model.get_weights(), plain.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_public_api():
+    assert distadam.ShardedAdam is ShardedAdam
+    assert distadam.__version__

@@ -1,0 +1,56 @@
+"""MultiWorkerMirroredStrategy, 2 processes on 127.0.0.1: same weights as one process."""
+
+import json
+import socket
+
+import numpy as np
+import pytest
+
+from conftest import finish, kill_group, start_worker
+
+TOLERANCE = 1e-5
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize(
+    "case",
+    [
+        {"name": "global_clipnorm_schedule", "kwargs": {"global_clipnorm": 0.05},
+         "schedule": {"initial_learning_rate": 0.01, "decay_steps": 10, "decay_rate": 0.5, "staircase": True}},
+    ],
+    ids=lambda c: c["name"],
+)
+def test_two_workers_match_single_process(tmp_path, case):
+    workers = 2
+    ports = ",".join(map(str, free_ports(workers)))
+    outs = [tmp_path / f"rank{r}.npz" for r in range(workers)]
+    procs = [start_worker(["mwms.py", r, ports, json.dumps(case), outs[r]]) for r in range(workers)]
+    try:
+        for r, proc in enumerate(procs):
+            log = finish(proc, timeout=300)
+            assert proc.returncode == 0, f"rank {r} failed:\n{log[-5000:]}"
+    finally:
+        for proc in procs:
+            kill_group(proc)
+    results = [np.load(o) for o in outs]
+    n_weights = sum(1 for k in results[0].files if k.startswith("w"))
+    for r in range(1, workers):
+        for i in range(n_weights):
+            np.testing.assert_array_equal(results[r][f"w{i}"], results[0][f"w{i}"])
+    for i in range(n_weights):
+        ours, ref = results[0][f"w{i}"], results[0][f"ref{i}"]
+        assert np.max(np.abs(ours - ref)) <= TOLERANCE * max(np.max(np.abs(ref)), 1e-12)
+    for result in results:
+        assert int(result["iterations"]) == 30
+        assert int(result["state_bytes"]) <= int(results[0]["reference_state_bytes"]) / workers + 2 * 4 * workers
