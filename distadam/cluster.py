@@ -268,7 +268,7 @@ def _from_slurm(env) -> ClusterSpec | None:
         return None
     source = "Slurm"
     rank = _int_var(env, "SLURM_PROCID", source)
-    size_var = "SLURM_NTASKS" if "SLURM_NTASKS" in env else "SLURM_NPROCS"
+    size_var = "SLURM_NPROCS" if "SLURM_NPROCS" in env and "SLURM_NTASKS" not in env else "SLURM_NTASKS"
     world_size = _required_int(env, size_var, source, hint="run the script with srun")
     rank_in_range(rank, world_size, f"{source}: SLURM_PROCID", size_var)
 

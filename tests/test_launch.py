@@ -1,0 +1,321 @@
+"""distadam-launch: real multi-worker training of the main job, and the
+failure paths (failed rank, timeout, signals, restarts) leave no process behind."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from distadam import launch
+from distadam.cluster import resolve_cluster
+
+ROOT = Path(__file__).resolve().parents[1]
+MAIN_JOB = ROOT / "examples" / "train_digits.py"
+PROBE = ROOT / "tests" / "workers" / "launch_probe.py"
+
+# Few steps keep the runs short; a global batch divisible by 2 and 3 workers.
+TRAIN_ARGS = ["--epochs", "1", "--max-steps", "12", "--batch-size", "96", "--seed", "3"]
+
+
+def clean_env():
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CONFIG", "DISTADAM_LOGICAL_DEVICES")}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    return env
+
+
+def console_script():
+    script = Path(sys.executable).with_name("distadam-launch")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "distadam.launch"]
+
+
+def start(command, **kwargs):
+    return subprocess.Popen(command, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
+
+
+def kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+def run(command, timeout):
+    """Run to completion with a hard timeout; never leaves the process group behind."""
+    proc = start(command)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, err = proc.communicate()
+        pytest.fail(f"{command} timed out after {timeout}s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+    finally:
+        kill_group(proc)
+    return proc.returncode, out, err
+
+
+def is_alive(pid):
+    """Alive and not a zombie (a reparented zombie may wait for a lazy init)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def recorded_pids(pid_dir):
+    pids = []
+    for path in Path(pid_dir).glob("*.pids"):
+        pids.extend(int(p) for p in path.read_text().split())
+    return pids
+
+
+def assert_no_survivors(pids, within=10.0):
+    assert pids, "the workers recorded no PIDs: the test would prove nothing"
+    deadline = time.monotonic() + within
+    alive = [p for p in pids if is_alive(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [p for p in alive if is_alive(p)]
+    for pid in alive:  # clean up before failing
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not alive, f"processes left behind: {alive}"
+
+
+def wait_for_files(directory, pattern, count, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(list(Path(directory).glob(pattern))) >= count:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"only {len(list(Path(directory).glob(pattern)))} of {count} {pattern} files appeared")
+
+
+def load_weights(path):
+    with np.load(path) as data:
+        return [data[f"w{i}"] for i in range(sum(k.startswith("w") for k in data.files))]
+
+
+def max_relative_difference(weights, reference):
+    """max over tensors of ||a - b||_inf / ||b||_inf."""
+    return max(float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
+               for a, b in zip(weights, reference))
+
+
+# ------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def single_process_reference(tmp_path_factory):
+    """The same global batches on one device with plain keras.optimizers.Adam."""
+    out = tmp_path_factory.mktemp("reference") / "weights.npz"
+    code, stdout, stderr = run([sys.executable, str(MAIN_JOB), *TRAIN_ARGS, "--replicas", "1",
+                                "--optimizer", "keras", "--out", str(out)], timeout=180)
+    assert code == 0, stderr[-3000:]
+    return load_weights(out)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("nproc, launcher", [(2, "console script"), (3, "python -m")])
+def test_launcher_trains_main_job_like_one_process(nproc, launcher, tmp_path, single_process_reference):
+    command = console_script() if launcher == "console script" else [sys.executable, "-m", "distadam.launch"]
+    code, stdout, stderr = run(
+        [*command, "--nproc", str(nproc), "--timeout", "240", str(MAIN_JOB), *TRAIN_ARGS,
+         "--out", str(tmp_path / "rank{rank}.npz")],
+        timeout=270,
+    )
+    assert code == 0, f"stdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-3000:]}"
+
+    # Every line the workers printed carries its rank; the job really ran
+    # on `nproc` workers with one replica each.
+    lines = stdout.splitlines()
+    assert lines and all(line.startswith(("[rank 0] ", "[rank 1] ", "[rank 2] ")[:nproc]) for line in lines)
+    result = json.loads(next(line for line in lines if "RESULT " in line).split("RESULT ", 1)[1])
+    assert (result["world_size"], result["replicas"], result["steps"]) == (nproc, nproc, 12)
+    assert result["per_replica_bytes"] < result["keras_adam_bytes"]
+    assert f"all {nproc} worker(s) finished successfully" in stderr
+
+    per_rank = [load_weights(tmp_path / f"rank{r}.npz") for r in range(nproc)]
+    for rank in range(1, nproc):
+        for a, b in zip(per_rank[0], per_rank[rank]):
+            np.testing.assert_array_equal(a, b, err_msg=f"rank {rank} weights differ from rank 0")
+    initial = load_weights_of_untrained_model()
+    assert max_relative_difference(initial, single_process_reference) > 1e-3, "reference did not train"
+    assert max_relative_difference(per_rank[0], single_process_reference) <= 1e-5
+
+
+def load_weights_of_untrained_model():
+    code = ("import sys, numpy as np; sys.path.insert(0, 'examples'); import train_digits; "
+            "m = train_digits.build_model(128, 3); "
+            "np.savez(sys.stdout.buffer, *m.get_weights())")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(), capture_output=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import io
+
+    with np.load(io.BytesIO(proc.stdout)) as data:
+        return [data[f"arr_{i}"] for i in range(len(data.files))]
+
+
+# -------------------------------------------------------- failure paths
+@pytest.mark.timeout(120)
+def test_failed_worker_stops_the_job_and_is_named(tmp_path):
+    started = time.monotonic()
+    # Rank 2 ignores SIGTERM, so stopping it needs the SIGKILL escalation;
+    # every worker has a child of its own, reachable only through its group.
+    code, stdout, stderr = run(
+        [*console_script(), "--nproc", "3", "--grace-period", "2", "--no-python", sys.executable, str(PROBE),
+         "--pid-dir", str(tmp_path), "--fail-rank", "1", "--exit-code", "3", "--fail-after", "2",
+         "--ignore-sigterm-rank", "2", "--spawn-child"],
+        timeout=90,
+    )
+    elapsed = time.monotonic() - started
+    assert code == 3, stderr
+    assert "rank 1 (pid" in stderr and "exited with code 3" in stderr
+    assert "stopping the other 2 running worker(s)" in stderr
+    # The healthy workers would sleep for 600 s: the launcher stopped them.
+    assert elapsed < 60, f"the launcher took {elapsed:.0f}s to give up after a failure"
+    assert len(recorded_pids(tmp_path)) == 6
+    assert_no_survivors(recorded_pids(tmp_path))
+    assert (tmp_path / "0.signal").read_text() == "SIGTERM"
+    assert not (tmp_path / "2.signal").exists()  # it ignored SIGTERM and was killed
+
+
+@pytest.mark.timeout(120)
+def test_worker_killed_by_signal_is_reported(tmp_path):
+    code, _, stderr = run(
+        [*console_script(), "--nproc", "2", "--grace-period", "1", "--no-python", sys.executable, str(PROBE),
+         "--pid-dir", str(tmp_path), "--fail-rank", "0", "--exit-code", "-9"],
+        timeout=90,
+    )
+    assert code == 1, stderr
+    assert "rank 0 (pid" in stderr and "was killed by SIGKILL (exit code -9)" in stderr
+    assert_no_survivors(recorded_pids(tmp_path))
+
+
+@pytest.mark.timeout(120)
+def test_timeout_kills_everything(tmp_path):
+    code, _, stderr = run(
+        [*console_script(), "--nproc", "2", "--timeout", "4", "--grace-period", "1", "--no-python",
+         sys.executable, str(PROBE), "--pid-dir", str(tmp_path), "--spawn-child"],
+        timeout=90,
+    )
+    assert code == launch.EXIT_TIMEOUT, stderr
+    assert "timeout: the job did not finish within 4s" in stderr
+    assert len(recorded_pids(tmp_path)) == 4
+    assert_no_survivors(recorded_pids(tmp_path))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signals_are_forwarded_to_every_worker(tmp_path, signum):
+    proc = start([*console_script(), "--nproc", "2", "--grace-period", "5", "--no-python", sys.executable,
+                  str(PROBE), "--pid-dir", str(tmp_path), "--spawn-child"])
+    try:
+        wait_for_files(tmp_path, "*.pids", 2)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 128 + signum, stderr
+    assert f"received {signal.Signals(signum).name}" in stderr
+    for rank in range(2):
+        assert (tmp_path / f"{rank}.signal").read_text() == signal.Signals(signum).name
+    assert_no_survivors(recorded_pids(tmp_path))
+
+
+@pytest.mark.timeout(120)
+def test_workers_die_with_a_sigkilled_launcher(tmp_path):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux-only")
+    proc = start([*console_script(), "--nproc", "2", "--no-python", sys.executable, str(PROBE),
+                  "--pid-dir", str(tmp_path)])
+    try:
+        wait_for_files(tmp_path, "*.pids", 2)
+        os.kill(proc.pid, signal.SIGKILL)  # the launcher only, not its group
+        proc.wait(timeout=10)
+        assert_no_survivors(recorded_pids(tmp_path))
+    finally:
+        kill_group(proc)
+        for pid in recorded_pids(tmp_path):
+            if is_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(120)
+def test_restarts_rerun_the_whole_job(tmp_path):
+    code, _, stderr = run(
+        [*console_script(), "--nproc", "2", "--restarts", "2", "--grace-period", "1", "--no-python",
+         sys.executable, str(PROBE), "--pid-dir", str(tmp_path), "--fail-rank", "1",
+         "--fail-only-first-attempt"],
+        timeout=90,
+    )
+    assert code == 0, stderr
+    assert "rank 1 (pid" in stderr and "restarting the job (restart 1 of 2)" in stderr
+    assert sorted(p.name for p in tmp_path.glob("*.pids")) == ["0.0.pids", "0.1.pids", "1.0.pids", "1.1.pids"]
+    assert_no_survivors(recorded_pids(tmp_path))
+
+
+@pytest.mark.timeout(120)
+def test_output_lines_are_prefixed_per_stream(tmp_path):
+    code, stdout, stderr = run(
+        [*console_script(), "--nproc", "2", "--timeout", "5", "--grace-period", "1", "--no-python",
+         sys.executable, str(PROBE), "--pid-dir", str(tmp_path), "--sleep", "0"],
+        timeout=90,
+    )
+    assert code == 0, stderr
+    for rank in range(2):
+        assert f"[rank {rank}] hello from rank {rank} of 2\n" in stdout
+        assert f"[rank {rank}] first line\n[rank {rank}] second line without newline\n" in stdout
+        assert f"[rank {rank}] rank {rank} stderr line\n" in stderr
+    assert_no_survivors(recorded_pids(tmp_path))
+
+
+# ------------------------------------------------------------ pure parts
+def test_worker_environments_describe_one_local_cluster():
+    inherited = {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8", "SLURM_PROCID": "3",
+                 "JOB_COMPLETION_INDEX": "1", "TF_CONFIG": "{}", "PATH": "/bin"}
+    envs = launch.worker_environments(3, 1, restart=0, base=inherited)
+    specs = [resolve_cluster(env) for env in envs]
+    assert [s.rank for s in specs] == [0, 1, 2]
+    assert {s.peers for s in specs} == {specs[0].peers}
+    hosts = {p.rsplit(":", 1)[0] for p in specs[0].peers}
+    ports = {p.rsplit(":", 1)[1] for p in specs[0].peers}
+    assert hosts == {"127.0.0.1"} and len(ports) == 3
+    assert all("OMPI_COMM_WORLD_RANK" not in env and env["PATH"] == "/bin" for env in envs)
+
+
+def test_single_worker_gets_logical_devices_and_no_tf_config():
+    (env,) = launch.worker_environments(1, 4, restart=0, base={})
+    assert "TF_CONFIG" not in env and env["DISTADAM_LOGICAL_DEVICES"] == "4"
+    assert resolve_cluster(env).world_size == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nproc", "2", "--devices-per-worker", "2", "x.py"], "needs --nproc 1"),
+    (["--nproc", "0", "x.py"], "at least 1"),
+    (["--timeout", "0", "x.py"], "--timeout must be positive"),
+    (["-m", "--no-python", "x"], "exclude each other"),
+])
+def test_invalid_arguments_are_rejected(argv, message, capsys):
+    with pytest.raises(SystemExit) as raised:
+        launch.parse_args(argv)
+    assert raised.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_script_arguments_pass_through_untouched():
+    args = launch.parse_args(["--nproc", "3", "train.py", "--nproc", "7", "--timeout", "x"])
+    assert launch.worker_command(args)[-4:] == ["--nproc", "7", "--timeout", "x"]
+    assert args.nproc == 3

@@ -1,0 +1,65 @@
+"""A light worker for the launcher's failure tests (no TensorFlow: they test
+the launcher, not training).
+
+Each worker records its PID (and its child's, with --spawn-child) in
+``--pid-dir`` so the test can check that nothing survives the launcher, then
+behaves as asked: exit with a code, ignore SIGTERM, or sleep until killed.
+"""
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--pid-dir", required=True)
+parser.add_argument("--fail-rank", type=int, default=None)
+parser.add_argument("--exit-code", type=int, default=3, help="negative: die by that signal")
+parser.add_argument("--fail-after", type=float, default=0.5)
+parser.add_argument("--fail-only-first-attempt", action="store_true")
+parser.add_argument("--ignore-sigterm-rank", type=int, default=None)
+parser.add_argument("--spawn-child", action="store_true")
+parser.add_argument("--sleep", type=float, default=600.0)
+args = parser.parse_args()
+
+rank = int(os.environ["DISTADAM_RANK"])
+attempt = int(os.environ["DISTADAM_RESTART_COUNT"])
+
+if rank == args.ignore_sigterm_rank:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+else:
+    def on_term(signum, frame):
+        with open(os.path.join(args.pid_dir, f"{rank}.signal"), "w") as f:
+            f.write(signal.Signals(signum).name)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+
+pids = [os.getpid()]
+if args.spawn_child:
+    # A grandchild of the launcher: only a process-group kill reaches it.
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    pids.append(child.pid)
+
+with open(os.path.join(args.pid_dir, f"{rank}.{attempt}.pids.tmp"), "w") as f:
+    f.write(" ".join(map(str, pids)))
+os.replace(os.path.join(args.pid_dir, f"{rank}.{attempt}.pids.tmp"),
+           os.path.join(args.pid_dir, f"{rank}.{attempt}.pids"))
+
+print(f"hello from rank {rank} of {os.environ['DISTADAM_WORLD_SIZE']}", flush=True)
+print(f"rank {rank} stderr line", file=sys.stderr, flush=True)
+sys.stdout.write("first line\nsecond line without newline")
+sys.stdout.flush()
+
+fails = rank == args.fail_rank and not (args.fail_only_first_attempt and attempt > 0)
+if fails:
+    time.sleep(args.fail_after)
+    if args.exit_code < 0:
+        os.kill(os.getpid(), -args.exit_code)  # die by that signal
+    os._exit(args.exit_code)
+if args.fail_only_first_attempt and attempt > 0:
+    sys.exit(0)  # the restarted job succeeds
+time.sleep(args.sleep)
