@@ -1,5 +1,12 @@
 """distadam: memory-efficient, exactly-correct distributed Adam for Keras 3."""
 
+try:
+    import tensorflow as _tf  # noqa: F401
+except ModuleNotFoundError as error:  # pragma: no cover - depends on the install
+    raise ModuleNotFoundError(
+        "distadam needs TensorFlow >= 2.16: pip install 'distadam[cpu]' (or 'distadam[gpu]')"
+    ) from error
+
 from distadam.optimizer import ShardedAdam
 from distadam.partition import Layout, plan_layout
 
