@@ -5,7 +5,8 @@ The same script runs unchanged
 * alone:                 python examples/train_digits.py            (2 local replicas)
 * on local processes:    distadam-launch --nproc 2 examples/train_digits.py
 * under MPI/Slurm/Kubernetes: the cluster is read from the environment
-  (``distadam.strategy_from_env``; see distadam/cluster.py).
+  (``distadam.strategy_from_env``; see distadam/cluster.py);
+* with Horovod:          horovodrun -np 2 python examples/train_digits.py --backend horovod
 
 Every run with the same ``--seed`` and ``--batch-size`` (the *global* batch)
 sees the same examples in the same global batches, whatever the number of
@@ -37,6 +38,8 @@ def parse_args(argv=None):
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
     parser.add_argument("--optimizer", choices=("sharded", "keras"), default="sharded",
                         help="'keras' trains with keras.optimizers.Adam, as a reference")
+    parser.add_argument("--backend", choices=("tf.distribute", "horovod"), default="tf.distribute",
+                        help="'horovod' for horovodrun/mpirun with Horovod (one replica per process)")
     parser.add_argument("--collective-timeout", type=float, default=120.0,
                         help="seconds a collective may wait for peers before the step fails")
     parser.add_argument("--out", default=None,
@@ -71,64 +74,132 @@ def build_model(hidden, seed):
     )
 
 
+class DistributeRuntime:
+    """tf.distribute: the strategy comes from the launch environment."""
+
+    def __init__(self, args):
+        import distadam
+
+        self.cluster = distadam.resolve_cluster()
+        environ = dict(os.environ)
+        if not self.cluster.is_distributed:
+            environ.setdefault(distadam.cluster.LOGICAL_DEVICES_ENV, str(args.replicas))
+        self.strategy = distadam.strategy_from_env(
+            communication_timeout=args.collective_timeout, environ=environ
+        )
+        self.rank = self.cluster.rank
+        self.world_size = self.cluster.world_size
+        self.replicas = self.strategy.num_replicas_in_sync
+        self.description = f"{self.cluster.source}, {self.world_size} worker(s)"
+
+    def scope(self):
+        return self.strategy.scope()
+
+    def train_step_fn(self, model, optimizer, loss_object, global_batch, per_replica):
+        import tensorflow as tf
+
+        strategy = self.strategy
+
+        @tf.function
+        def train_step(x, y):
+            def step_fn(x, y):
+                with tf.GradientTape() as tape:
+                    per_example = loss_object(y, model(x, training=True))
+                    loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+                grads = tape.gradient(loss, model.trainable_variables)
+                optimizer.apply_gradients(zip(grads, model.trainable_variables))
+                return loss
+
+            per_replica_loss = strategy.run(step_fn, args=(x, y))
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica_loss, axis=None)
+
+        def slices(array, batch):
+            # Replica r (global id, across all workers) always gets the r-th
+            # contiguous slice of the global batch, so the union of what the
+            # replicas see is exactly the single-device batch.
+            def replica_slice(context):
+                start = context.replica_id_in_sync_group * per_replica
+                return tf.constant(array[batch[start:start + per_replica]])
+
+            return strategy.experimental_distribute_values_from_function(replica_slice)
+
+        return lambda x, y, batch: float(train_step(slices(x, batch), slices(y, batch)))
+
+
+class HorovodRuntime:
+    """Horovod (horovodrun/mpirun): one replica per process, no strategy.
+
+    ShardedAdam picks its Horovod backend by itself once hvd.init() has run,
+    and averages the gradients over ranks: the loss is the plain local mean."""
+
+    def __init__(self, args):
+        import horovod.tensorflow as hvd
+
+        hvd.init()
+        self.hvd = hvd
+        self.rank = hvd.rank()
+        self.world_size = self.replicas = hvd.size()
+        self.description = f"Horovod, {self.world_size} process(es)"
+
+    def scope(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def train_step_fn(self, model, optimizer, loss_object, global_batch, per_replica):
+        import tensorflow as tf
+
+        from distadam import horovod_keras
+
+        hvd = self.hvd
+        # Start every rank from rank 0's weights; the seeded init already makes
+        # them equal, but a real job may have loaded a checkpoint on rank 0 only.
+        horovod_keras.broadcast_model_and_optimizer(model, optimizer)
+
+        @tf.function
+        def train_step(x, y):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(loss_object(y, model(x, training=True)))
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return hvd.allreduce(loss, op=hvd.Average, name="digits_loss")
+
+        def step(x, y, batch):
+            mine = batch[self.rank * per_replica:(self.rank + 1) * per_replica]
+            return float(train_step(tf.constant(x[mine]), tf.constant(y[mine])))
+
+        return step
+
+
 def main(argv=None):
     args = parse_args(argv)
-    import distadam
-
-    cluster = distadam.resolve_cluster()
-    environ = dict(os.environ)
-    if not cluster.is_distributed:
-        environ.setdefault(distadam.cluster.LOGICAL_DEVICES_ENV, str(args.replicas))
-    strategy = distadam.strategy_from_env(communication_timeout=args.collective_timeout, environ=environ)
+    runtime = HorovodRuntime(args) if args.backend == "horovod" else DistributeRuntime(args)
 
     import keras
-    import tensorflow as tf
 
-    replicas = strategy.num_replicas_in_sync
+    import distadam
+
+    replicas = runtime.replicas
     if args.batch_size % replicas:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the {replicas} replicas")
     per_replica = args.batch_size // replicas
 
     def log(message):
-        if cluster.is_chief:
+        if runtime.rank == 0:
             print(message, flush=True)
 
-    log(f"cluster: {cluster.source}, {cluster.world_size} worker(s), {replicas} replica(s) in sync; "
+    log(f"cluster: {runtime.description}, {replicas} replica(s) in sync; "
         f"global batch {args.batch_size} ({per_replica} per replica)")
 
     (x_train, y_train), (x_test, y_test) = load_data(args.seed)
-    with strategy.scope():
+    with runtime.scope():
         model = build_model(args.hidden, args.seed)
         if args.optimizer == "sharded":
             optimizer = distadam.ShardedAdam(learning_rate=args.learning_rate)
         else:
             optimizer = keras.optimizers.Adam(learning_rate=args.learning_rate)
     loss_object = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-
-    @tf.function
-    def train_step(x, y):
-        def step_fn(x, y):
-            with tf.GradientTape() as tape:
-                per_example = loss_object(y, model(x, training=True))
-                loss = tf.nn.compute_average_loss(per_example, global_batch_size=args.batch_size)
-            grads = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            return loss
-
-        per_replica_loss = strategy.run(step_fn, args=(x, y))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica_loss, axis=None)
-
-    def replica_slices(array, batch):
-        # Replica r (global id, across all workers) always gets the r-th
-        # contiguous slice of the global batch, so the union of what the
-        # replicas see is exactly the single-device batch.
-        return strategy.experimental_distribute_values_from_function(
-            lambda context: batch_slice(array, batch, context.replica_id_in_sync_group)
-        )
-
-    def batch_slice(array, batch, replica_id):
-        start = replica_id * per_replica
-        return tf.constant(array[batch[start:start + per_replica]])
+    train_step = runtime.train_step_fn(model, optimizer, loss_object, args.batch_size, per_replica)
 
     steps_per_epoch = len(x_train) // args.batch_size
     total_steps = args.epochs * steps_per_epoch
@@ -144,8 +215,7 @@ def main(argv=None):
         for b in range(steps_per_epoch):
             if step >= total_steps:
                 break
-            batch = order[b * args.batch_size:(b + 1) * args.batch_size]
-            losses.append(float(train_step(replica_slices(x_train, batch), replica_slices(y_train, batch))))
+            losses.append(train_step(x_train, y_train, order[b * args.batch_size:(b + 1) * args.batch_size]))
             step += 1
         accuracy = evaluate(model, x_test, y_test)
         log(f"epoch {epoch + 1}/{args.epochs}: loss {np.mean(losses):.4f}, test accuracy {accuracy:.4f} "
@@ -157,9 +227,9 @@ def main(argv=None):
     log(f"optimizer state per replica: {state['per_replica_bytes']} bytes; keras.optimizers.Adam would hold "
         f"{state['keras_adam_bytes']} bytes on every replica ({state['ratio']:.2f}x)")
     log("RESULT " + json.dumps({"test_accuracy": accuracy, "steps": step, "replicas": replicas,
-                                "world_size": cluster.world_size, **state}))
+                                "world_size": runtime.world_size, "backend": args.backend, **state}))
     if args.out:
-        save_weights(args.out, model, cluster.rank, accuracy, step)
+        save_weights(args.out, model, runtime.rank, accuracy, step)
     return 0
 
 
