@@ -20,8 +20,8 @@ at most one small all-reduce in total, whatever the number of variables.
 
 from __future__ import annotations
 
+import hashlib
 import numbers
-import re
 
 import keras
 import numpy as np
@@ -63,6 +63,9 @@ class ShardedAdam(keras.optimizers.Optimizer):
         bucket_elements: optional cap on elements per flat bucket. ``None``
             (default) keeps one bucket per dtype: the fewest collectives.
         shard_alignment: round shard sizes up to a multiple of this.
+        skip_nonfinite: if a gradient holds NaN/Inf on any worker, skip the
+            step on every worker (weights, state and ``iterations`` unchanged)
+            so shards never diverge. Keras' Adam would write NaN weights.
 
     Gradients are summed across workers once, inside the optimizer, as Keras
     does; ``model.fit`` scales the loss by 1/N so the sum is the mean. In a
@@ -91,6 +94,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
         backend="auto",
         bucket_elements=None,
         shard_alignment=1,
+        skip_nonfinite=True,
         **kwargs,
     ):
         # Keras checks these itself but accepts values PyTorch's Adam rejects.
@@ -130,6 +134,8 @@ class ShardedAdam(keras.optimizers.Optimizer):
                 "`gradient_accumulation_steps` must be an integer >= 2 or None, got "
                 f"{gradient_accumulation_steps!r}"
             )
+        if not isinstance(skip_nonfinite, (bool, np.bool_)):
+            raise TypeError(f"`skip_nonfinite` must be a bool, got {skip_nonfinite!r}")
         if not isinstance(backend, str):
             raise TypeError(f"`backend` must be a string, got {backend!r}")
         if bucket_elements is not None and (
@@ -166,6 +172,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
         self.backend = backend
         self.bucket_elements = None if bucket_elements is None else int(bucket_elements)
         self.shard_alignment = int(shard_alignment)
+        self.skip_nonfinite = bool(skip_nonfinite)
         self._collectives = None
         self._layout = None
 
@@ -209,6 +216,13 @@ class ShardedAdam(keras.optimizers.Optimizer):
                     )
                 self._track_variable(variable)
                 self._shard_state[kind].append(variable)
+        with tf.init_scope():
+            # A tf.Variable, not a Keras one: it stays out of `variables`, so
+            # saved state keeps keras.optimizers.Adam's exact layout.
+            self._skipped_steps = tf.Variable(
+                0, dtype=tf.int64, trainable=False, name="skipped_steps",
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            )
         self.built = True
 
     def _state_kinds(self):
@@ -248,34 +262,116 @@ class ShardedAdam(keras.optimizers.Optimizer):
         ]
 
         is_update_step = None
+        accumulated_totals = None
         if self.gradient_accumulation_steps:
             steps = self.gradient_accumulation_steps
             is_update_step = (self._iterations + 1) % steps == 0
-            accumulated = []
-            for b, shard in enumerate(grad_shards):
+            accumulated_totals = [
+                shard + self._shard_state["accumulator"][b].value
+                for b, shard in enumerate(grad_shards)
+            ]
+
+        statistics = self._reduce_statistics(grad_shards, segment_ids, comm)
+        # Every worker sees the same reduced statistics, so all take the same
+        # decision: a non-finite gradient anywhere skips the step everywhere.
+        step_ok = None
+        if "nonfinite" in statistics:
+            step_ok = tf.equal(statistics["nonfinite"][0], 0.0)
+            self._skipped_steps.assign_add(tf.cast(tf.logical_not(step_ok), tf.int64))
+        checks = []
+        if "fingerprint" in statistics:
+            checks.append(self._check_fingerprint(statistics["fingerprint"], comm.num_workers))
+
+        if accumulated_totals is not None:
+            for b, total in enumerate(accumulated_totals):
                 accumulator = self._shard_state["accumulator"][b]
-                total = shard + accumulator
-                accumulator.assign(tf.where(is_update_step, tf.zeros_like(total), total))
-                accumulated.append(total / steps)
-            grad_shards = accumulated
+                new_value = tf.where(is_update_step, tf.zeros_like(total), total)
+                if step_ok is not None:
+                    new_value = tf.where(step_ok, new_value, accumulator.value)
+                accumulator.assign(new_value)
+            grad_shards = [total / self.gradient_accumulation_steps for total in accumulated_totals]
 
-        grad_shards = self._clip(grad_shards, segment_ids, comm)
+        grad_shards = self._clip(grad_shards, segment_ids, statistics)
 
-        gather_sources = []
-        for b, bucket in enumerate(layout.buckets):
-            gather_sources.append(
+        apply_update = is_update_step
+        if step_ok is not None:
+            apply_update = step_ok if apply_update is None else tf.logical_and(apply_update, step_ok)
+
+        with tf.control_dependencies(checks):
+            gather_sources = [
                 self._update_bucket(
                     b, bucket, grad_shards[b], segment_ids[b], grads_by_index,
-                    worker, learning_rate, iterations, is_update_step,
+                    worker, learning_rate, iterations, apply_update, step_ok,
                 )
-            )
+                for b, bucket in enumerate(layout.buckets)
+            ]
 
         for b, bucket in enumerate(layout.buckets):
             flat_params = comm.all_gather(gather_sources[b])
             self._write_bucket(bucket, flat_params, grads_by_index)
 
+        if step_ok is not None:
+            # Keras' apply() adds 1 after this method; a skipped step must leave
+            # `iterations` (and so the schedule) where it was.
+            self._iterations.assign_sub(tf.cast(tf.logical_not(step_ok), self._iterations.dtype))
+
+    def _reduce_statistics(self, grad_shards, segment_ids, comm):
+        """Everything that needs the global picture, in ONE small all-reduce:
+        the non-finite count, the layout fingerprint, and the partial sums of
+        squares for clipping. Returns the reduced pieces by name."""
+        pieces = []
+        if self.skip_nonfinite:
+            bad = tf.add_n([
+                tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(g)), tf.float32))
+                for g in grad_shards
+            ])
+            pieces.append(("nonfinite", tf.reshape(bad, [1])))
+        if comm.num_workers > 1:
+            pieces.append(("fingerprint", tf.constant(self._fingerprint_terms(), tf.float32)))
+        if self.global_clipnorm and self.global_clipnorm > 0 and not self._clipvalue_active():
+            total = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in grad_shards])
+            pieces.append(("global_sum_of_squares", tf.reshape(total, [1])))
+        elif self._clipnorm_active():
+            for b, (g, bucket, ids) in enumerate(zip(grad_shards, self._layout.buckets, segment_ids)):
+                count = len(bucket.segments)
+                sums = tf.math.unsorted_segment_sum(tf.square(tf.cast(g, tf.float32)), ids, count + 1)
+                pieces.append((f"sum_of_squares_{b}", sums[:count]))
+        if not pieces:
+            return {}
+        reduced = comm.all_reduce_sum(tf.concat([value for _, value in pieces], axis=0))
+        sizes = [int(value.shape[0]) for _, value in pieces]
+        return {name: part for (name, _), part in zip(pieces, tf.split(reduced, sizes))}
+
+    def _clipnorm_active(self):
+        return bool(self.clipnorm and self.clipnorm > 0)
+
+    def _clipvalue_active(self):
+        return bool(self.clipvalue and self.clipvalue > 0)
+
+    def _fingerprint_terms(self):
+        """[h1, h1^2, h2, h2^2] of two 8-bit hashes of the layout. Summed over
+        workers, sum(h) == N*h and sum(h^2) == N*h^2 hold for every worker only
+        if all hashes are equal (zero variance); exact in float32 up to N=256."""
+        description = repr([
+            (bucket.dtype, bucket.num_shards, bucket.shard_size, [seg.shape for seg in bucket.segments])
+            for bucket in self._layout.buckets
+        ]).encode()
+        digest = hashlib.sha256(description).digest()
+        h1, h2 = digest[0] + 1, digest[1] + 1
+        return [h1, h1 * h1, h2, h2 * h2]
+
+    def _check_fingerprint(self, reduced, num_workers):
+        expected = tf.constant(self._fingerprint_terms(), tf.float32) * num_workers
+        return tf.debugging.assert_equal(
+            reduced, expected,
+            message=(
+                "distadam: workers disagree on the trainable variables (number, shapes, "
+                "dtypes or order). Every worker must build the same model before training."
+            ),
+        )
+
     def _update_bucket(self, b, bucket, grad, segment_ids, grads_by_index, worker,
-                       learning_rate, iterations, is_update_step):
+                       learning_rate, iterations, apply_update, step_ok):
         """Weight decay + Adam (+ EMA) on this worker's shard; returns the shard
         to all-gather into the model variables."""
         state = {kind: variables[b] for kind, variables in self._shard_state.items()}
@@ -305,8 +401,8 @@ class ShardedAdam(keras.optimizers.Optimizer):
         # Variables without a gradient this step keep everything unchanged,
         # like Keras, which filters them out before the update.
         keep = self._segment_mask(bucket, segment_ids, lambda seg: seg.variable_index in grads_by_index)
-        if is_update_step is not None:
-            keep = is_update_step if keep is None else tf.logical_and(keep, is_update_step)
+        if apply_update is not None:
+            keep = apply_update if keep is None else tf.logical_and(keep, apply_update)
 
         def select(new, old):
             return new if keep is None else tf.where(keep, new, old)
@@ -323,32 +419,25 @@ class ShardedAdam(keras.optimizers.Optimizer):
             state["average"].value, new_param,
             momentum=self.ema_momentum, not_first_step=tf.not_equal(iterations, 0),
         )
+        if step_ok is not None:
+            average = tf.where(step_ok, average, state["average"].value)
         state["average"].assign(average)
         if self.ema_overwrite_frequency:
             overwrite = (iterations + 1) % self.ema_overwrite_frequency == 0
             return tf.where(overwrite, average, new_param)
         return new_param
 
-    def _clip(self, grad_shards, segment_ids, comm):
-        """Clip on the reduced gradient, from per-shard partial sums."""
-        if self.clipvalue and self.clipvalue > 0:
+    def _clip(self, grad_shards, segment_ids, statistics):
+        """Clip the reduced gradient shards with the globally reduced sums."""
+        if self._clipvalue_active():
             return [adam_math.clip_by_value(g, tf.cast(self.clipvalue, g.dtype)) for g in grad_shards]
-        if self.global_clipnorm and self.global_clipnorm > 0:
-            partial = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in grad_shards])
-            scale = adam_math.global_norm_scale(comm.all_reduce_sum(partial), self.global_clipnorm)
+        if "global_sum_of_squares" in statistics:
+            scale = adam_math.global_norm_scale(statistics["global_sum_of_squares"][0], self.global_clipnorm)
             return [g * tf.cast(scale, g.dtype) for g in grad_shards]
-        if self.clipnorm and self.clipnorm > 0:
-            # One all-reduce for all buckets: concatenated per-variable sums.
-            partial_sums, counts = [], []
-            for g, bucket, ids in zip(grad_shards, self._layout.buckets, segment_ids):
-                count = len(bucket.segments)
-                sums = tf.math.unsorted_segment_sum(tf.square(tf.cast(g, tf.float32)), ids, count + 1)
-                partial_sums.append(sums[:count])
-                counts.append(count)
-            total = comm.all_reduce_sum(tf.concat(partial_sums, axis=0))
+        if self._clipnorm_active():
             clipped = []
-            for g, ids, sums in zip(grad_shards, segment_ids, tf.split(total, counts)):
-                divisor = adam_math.per_variable_norm_divisor(sums, self.clipnorm)
+            for b, (g, ids) in enumerate(zip(grad_shards, segment_ids)):
+                divisor = adam_math.per_variable_norm_divisor(statistics[f"sum_of_squares_{b}"], self.clipnorm)
                 divisor = tf.concat([divisor, [self.clipnorm]], axis=0)  # padding segment
                 clip = tf.cast(self.clipnorm, g.dtype)
                 clipped.append(g * clip / tf.cast(tf.gather(divisor, ids), g.dtype))
@@ -386,7 +475,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
         self._collectives.assign_replicated(targets, values)
 
     def _needs_segments(self, bucket, grads_by_index):
-        if self.clipnorm and self.clipnorm > 0:
+        if self._clipnorm_active():
             return True
         if any(seg.variable_index not in grads_by_index for seg in bucket.segments):
             return True
@@ -428,6 +517,12 @@ class ShardedAdam(keras.optimizers.Optimizer):
     def num_shards(self) -> int:
         self._require_built("num_shards")
         return self._layout.num_shards
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because a gradient was NaN/Inf on some worker."""
+        self._require_built("skipped_steps")
+        return int(self._skipped_steps.numpy())
 
     def shard_layout(self) -> list:
         """Which element ranges of which variables each worker owns."""
@@ -564,6 +659,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
                 "backend": self.backend,
                 "bucket_elements": self.bucket_elements,
                 "shard_alignment": self.shard_alignment,
+                "skip_nonfinite": self.skip_nonfinite,
             }
         )
         return config

@@ -38,7 +38,7 @@ for case in cases:
         reference_model.compile(optimizer=reference_opt, loss="mse")
         reference_model.fit([tokens, features], targets, batch_size=common.GLOBAL_BATCH,
                             shuffle=False, verbose=0)
-        model.compile(optimizer=opt, loss="mse")
+        model.compile(optimizer=opt, loss="mse", jit_compile=case.get("jit_compile", "auto"))
         model.fit([tokens, features], targets, batch_size=common.GLOBAL_BATCH, shuffle=False, verbose=0)
     else:
         common.train_custom_loop(default, reference_model, reference_opt, data, steps)
