@@ -199,6 +199,8 @@ class ShardedAdam(keras.optimizers.Optimizer):
         )
         self._collectives = collectives
         self._layout = layout
+        if collectives.num_workers > 1 and tf.executing_eagerly():
+            self._verify_same_layout_everywhere()
         self._shard_state = {kind: [] for kind in self._state_kinds()}
         options = collectives.state_variable_options()
         for bucket_index, bucket in enumerate(layout.buckets):
@@ -359,6 +361,20 @@ class ShardedAdam(keras.optimizers.Optimizer):
         digest = hashlib.sha256(description).digest()
         h1, h2 = digest[0] + 1, digest[1] + 1
         return [h1, h1 * h1, h2, h2 * h2]
+
+    def _verify_same_layout_everywhere(self):
+        """Build-time check (a tiny all-reduce) that every worker laid out the
+        same variables; a mismatch would otherwise surface as a shape error in
+        the first step's collectives or, worse, as silently mixed shards."""
+        terms = np.asarray(self._fingerprint_terms(), np.float32)
+        reduced = self._collectives.all_reduce_eagerly(terms)
+        if not np.array_equal(reduced, terms * self._collectives.num_workers):
+            raise ValueError(
+                "distadam: workers disagree on the trainable variables (number, shapes, "
+                "dtypes or order): this worker has "
+                f"{[(b.dtype, [s.shape for s in b.segments]) for b in self._layout.buckets]}. "
+                "Every worker must build the same model with the same trainable flags."
+            )
 
     def _check_fingerprint(self, reduced, num_workers):
         expected = tf.constant(self._fingerprint_terms(), tf.float32) * num_workers

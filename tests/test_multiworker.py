@@ -54,3 +54,21 @@ def test_two_workers_match_single_process(tmp_path, case):
     for result in results:
         assert int(result["iterations"]) == 30
         assert int(result["state_bytes"]) <= int(results[0]["reference_state_bytes"]) / workers + 2 * 4 * workers
+
+
+@pytest.mark.timeout(300)
+def test_workers_with_different_trainable_sets_fail_clearly(tmp_path):
+    """One worker froze a layer: every worker refuses to train, naming the cause."""
+    workers = 2
+    ports = ",".join(map(str, free_ports(workers)))
+    case = {"mismatch": True, "build_eagerly": True, "steps": 3}
+    procs = [start_worker(["mwms.py", r, ports, json.dumps(case), tmp_path / f"r{r}.npz"])
+             for r in range(workers)]
+    try:
+        logs = [finish(proc, timeout=180) for proc in procs]
+    finally:
+        for proc in procs:
+            kill_group(proc)
+    for proc, log in zip(procs, logs):
+        assert proc.returncode != 0
+        assert "workers disagree on the trainable variables" in log, log[-3000:]

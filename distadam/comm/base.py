@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -65,6 +66,11 @@ class Collectives(abc.ABC):
     def state_variable_options(self) -> dict:
         """Keras ``Variable`` options for per-worker (unmirrored) state."""
         return {}
+
+    def all_reduce_eagerly(self, values):
+        """Sum a small numpy array across workers from eager, cross-replica code
+        (outside any step). Returns a numpy array."""
+        return np.asarray(self._all_reduce_sum(tf.constant(values)))
 
     def local_worker_indices(self) -> list:
         """Shard index of each local component, in ``local_components`` order.

@@ -13,6 +13,7 @@ extra bytes are the all-gather half.
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from distadam.comm.base import Collectives, slice_own_shard
@@ -85,6 +86,21 @@ class DistributeCollectives(Collectives):
             return {}
         # ON_READ gives every replica its own copy: the replica's shard.
         return {"synchronization": "on_read", "aggregation": "none"}
+
+    def all_reduce_eagerly(self, values):
+        if self.num_workers == 1:
+            return np.asarray(values)
+        strategy = self._strategy
+
+        @tf.function
+        def reduce():
+            return strategy.run(
+                lambda: tf.distribute.get_replica_context().all_reduce(
+                    tf.distribute.ReduceOp.SUM, tf.constant(values)
+                )
+            )
+
+        return np.asarray(strategy.experimental_local_results(reduce())[0])
 
     def local_worker_indices(self):
         if self.num_workers == 1:

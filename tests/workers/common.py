@@ -22,7 +22,7 @@ def use_logical_cpus(n):
     )
 
 
-def make_model(seed=7):
+def make_model(seed=7, hidden_units=11):
     """Variables of several shapes and sizes, including a sparse-gradient Embedding."""
     keras.utils.set_random_seed(seed)
     tokens = keras.Input((5,), dtype="int32", name="tokens")
@@ -30,7 +30,7 @@ def make_model(seed=7):
     x = keras.layers.Embedding(VOCAB, 6, name="embed")(tokens)
     x = keras.layers.Flatten()(x)
     x = keras.layers.Concatenate()([x, dense_in])
-    x = keras.layers.Dense(11, activation="tanh", name="hidden")(x)
+    x = keras.layers.Dense(hidden_units, activation="tanh", name="hidden")(x)
     x = keras.layers.Dense(7, activation="relu", use_bias=False, name="nobias")(x)
     out = keras.layers.Dense(2, name="head")(x)
     return keras.Model([tokens, dense_in], out)

@@ -30,8 +30,14 @@ assert strategy.num_replicas_in_sync == len(ports), strategy.num_replicas_in_syn
 steps = case.get("steps", 30)
 data = common.make_data(steps)
 with strategy.scope():
+    # "mismatch": the last rank builds a different model, a user error the
+    # optimizer must report clearly instead of hanging or corrupting shards.
     model = common.make_model()
+    if case.get("mismatch") and rank == len(ports) - 1:
+        model.get_layer("nobias").trainable = False
     opt = common.configure(distadam.ShardedAdam(**common.build_kwargs(case)), case)
+    if case.get("build_eagerly"):
+        opt.build(model.trainable_variables)
 common.train_custom_loop(strategy, model, opt, data, steps)
 
 arrays = {f"w{i}": w for i, w in enumerate(model.get_weights())}
