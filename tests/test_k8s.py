@@ -451,8 +451,9 @@ def test_tfjob_runs_multi_worker_training(tmp_path):
     replica_specs = tfjob["spec"]["tfReplicaSpecs"]
     cluster, network = {}, {}
     for replica_type, spec in replica_specs.items():
-        container = next(c for c in spec["template"]["spec"]["containers"] if c["name"] == "tensorflow")
-        port = next(p["containerPort"] for p in container["ports"] if p["name"] == "tfjob-port")
+        container = next((c for c in spec["template"]["spec"]["containers"] if c["name"] == "tensorflow"), None)
+        assert container, f"{replica_type}: no container named 'tensorflow', so the operator injects no TF_CONFIG"
+        port = next((p["containerPort"] for p in container.get("ports", []) if p["name"] == "tfjob-port"), 2222)
         kind = replica_type.lower()
         cluster[kind] = [f"{job_name}-{kind}-{i}.{NAMESPACE}.svc:{port}" for i in range(spec["replicas"])]
         network.update({address: f"127.0.0.1:{free_port()}" for address in cluster[kind]})
