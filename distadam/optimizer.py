@@ -27,6 +27,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras.src.utils import tracking as keras_tracking  # Keras' own build() uses it too
+
 from distadam import adam_math
 from distadam.comm import resolve_backend
 from distadam.partition import Layout, plan_layout
@@ -177,6 +179,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
         self._layout = None
 
     # ------------------------------------------------------------------ build
+    @keras_tracking.no_automatic_dependency_tracking
     def build(self, var_list):
         if self.built:
             return
@@ -208,7 +211,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
                 # init_scope: a first apply_gradients inside tf.function must
                 # not leave lifted, conditionally initialised state behind.
                 with tf.init_scope(), keras.name_scope(self.name, caller=self):
-                    variable = keras.Variable(
+                    variable = ShardStateVariable(
                         initializer=keras.initializers.Zeros(),
                         shape=(bucket.shard_size,),
                         dtype=bucket.dtype,
@@ -216,6 +219,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
                         name=f"bucket{bucket_index}_{bucket.dtype}_{kind}_shard",
                         **options,
                     )
+                variable.bind_shards(bucket, collectives)
                 self._track_variable(variable)
                 self._shard_state[kind].append(variable)
         with tf.init_scope():
@@ -679,6 +683,39 @@ class ShardedAdam(keras.optimizers.Optimizer):
             }
         )
         return config
+
+
+class ShardStateVariable(keras.Variable):
+    """A Keras variable holding one worker's shard of a bucket's state.
+
+    In TF checkpoints every local shard is saved under a key naming its element
+    range, so per-replica values survive (a plain ON_READ variable saves one
+    aggregated value, or refuses to save at all) and a multi-process worker
+    writes only what it owns. Restoring needs the same ranges, i.e. the same
+    worker count; a range that is not in the checkpoint is reported by TF as a
+    missing key. Change the worker count through ``model.save`` /
+    ``save_weights`` (plain Adam layout) or ``distadam.checkpoint``.
+    """
+
+    def bind_shards(self, bucket, collectives):
+        self._bucket = bucket
+        self._collectives = collectives
+
+    def _local_slices(self):
+        bucket = self._bucket
+        components = self._collectives.local_components(self)
+        for (_, component), shard in zip(components, self._collectives.local_worker_indices()):
+            start, stop = bucket.shard_range(shard)
+            key = f"ELEMENTS_{start}_{stop}_OF_{bucket.num_elements}"
+            yield component, key, stop - start
+
+    def _serialize_to_tensors(self):
+        return {key: component.read_value() for component, key, _ in self._local_slices()}
+
+    def _restore_from_tensors(self, restored_tensors):
+        return tf.group([
+            component.assign(restored_tensors[key]) for component, key, _ in self._local_slices()
+        ])
 
 
 def _gather_shards(collectives, variables) -> list:

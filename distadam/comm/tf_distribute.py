@@ -25,6 +25,7 @@ class DistributeCollectives(Collectives):
     def __init__(self, strategy: tf.distribute.Strategy | None = None):
         super().__init__()
         self._strategy = strategy or tf.distribute.get_strategy()
+        self._local_indices = None  # fixed for the strategy's lifetime
 
     @property
     def strategy(self):
@@ -105,10 +106,18 @@ class DistributeCollectives(Collectives):
     def local_worker_indices(self):
         if self.num_workers == 1:
             return [0]
-        ids = self._strategy.run(
-            lambda: tf.distribute.get_replica_context().replica_id_in_sync_group
-        )
-        return [int(i) for i in self._strategy.experimental_local_results(ids)]
+        if self._local_indices is None:
+            strategy = self._strategy
+
+            @tf.function
+            def replica_ids():
+                return strategy.run(
+                    lambda: tf.distribute.get_replica_context().replica_id_in_sync_group
+                )
+
+            local = strategy.experimental_local_results(replica_ids())
+            self._local_indices = [int(i) for i in local]
+        return list(self._local_indices)
 
     def local_components(self, variable):
         value = getattr(variable, "value", variable)

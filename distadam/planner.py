@@ -1,0 +1,306 @@
+"""Cluster-sizing planner: per-worker memory and communication of plain
+data-parallel Adam vs ShardedAdam (ZeRO stage 1).
+
+    python -m distadam plan --params 7e9 --workers 64 --dtype bfloat16
+    python -m distadam plan --model model.keras --workers 8 --amsgrad --ema
+
+Accounting (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward
+Training Trillion Parameter Models", section 3.1 and 5)
+------------------------------------------------------------------------
+For Ψ parameters the paper counts the *model states*: parameters, gradients
+and the optimizer state, the last as K·Ψ bytes. Data parallelism replicates
+all three on every worker, (p + g + K)·Ψ; ZeRO stage 1 (P_os) shards the
+optimizer state, (p + g)·Ψ + K·Ψ/N. Activations, temporary buffers and
+fragmentation are outside this accounting, here as in the paper.
+
+K is derived from the configuration instead of fixed:
+
+* ShardedAdam keeps every state tensor in its variable's dtype (as Keras' Adam
+  does): m and v give K = 2·itemsize (8 for float32, 4 for bfloat16), plus one
+  itemsize each for ``amsgrad`` (v_hat), ``use_ema`` (the moving average) and
+  ``gradient_accumulation_steps`` (the accumulator). Keras' ``mixed_*``
+  precision policies keep variables in float32: plan those with
+  ``--dtype float32``.
+* ``--master-weights`` reproduces the paper's mixed-precision recipe: 16-bit
+  parameters and gradients (p = g = 2) with a float32 master copy and float32
+  m, v: K = 4 + 4 + 4 = 12. (Its 7.5B-parameter, N = 64 example: 120 GB per
+  worker for data parallelism, 31.4 GB with P_os.) ShardedAdam has no separate
+  master copy; this mode is for comparing with systems that do.
+
+ShardedAdam's sharded state is exact, not Ψ/N: each dtype bucket is padded to
+a multiple of N (and of ``shard_alignment``), so every state kind costs
+ceil(elements / N) elements per worker and bucket. The planner uses the same
+layout code as the optimizer (:func:`distadam.partition.plan_layout`), so its
+numbers equal ``ShardedAdam.state_bytes_per_replica()``.
+
+Communication (bytes each worker sends per optimizer update, ring algorithms):
+
+* data-parallel Adam: one all-reduce of the gradients, 2Ψ(N−1)/N — the
+  bound against which ZeRO is measured;
+* ZeRO-1 as in the paper: a reduce-scatter Ψ(N−1)/N plus an all-gather of
+  the updated parameters Ψ(N−1)/N: the same 2Ψ(N−1)/N;
+* ShardedAdam as implemented by a backend whose reduce-scatter is an
+  all-reduce followed by a slice (TensorFlow's CPU collectives, which have no
+  reduce-scatter kernel, and the Horovod backend's default): 3Ψ(N−1)/N;
+* with gradient accumulation over A micro-steps ShardedAdam reduce-scatters
+  every micro-step (its accumulator is sharded) and all-gathers once, while
+  Keras' Adam all-reduces once per update from full local accumulators.
+
+ShardedAdam also issues one small all-reduce per step (a handful of scalars:
+non-finite check, layout fingerprint); it is left out of the byte counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+from distadam.partition import plan_layout
+
+DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+MASTER_DTYPE = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class VariableSpec:
+    """Shape and dtype of one trainable variable (what plan_layout needs)."""
+
+    name: str
+    shape: tuple
+    dtype: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    params: int
+    workers: int
+    param_bytes: int  # Ψ in bytes: the parameters (and one gradient) in their dtype
+    adam: dict  # component -> bytes per worker, data-parallel Keras Adam
+    sharded: dict  # component -> bytes per worker, ShardedAdam
+    k_bytes_per_param: float  # the paper's K
+    padding_elements: int
+    comm: dict  # name -> bytes sent per worker per optimizer update
+    options: dict
+
+    @property
+    def adam_total(self) -> int:
+        return sum(self.adam.values())
+
+    @property
+    def sharded_total(self) -> int:
+        return sum(self.sharded.values())
+
+    @property
+    def sharded_state_bytes(self) -> int:
+        """Optimizer state per worker (what ``state_bytes_per_replica`` reports)."""
+        return sum(v for k, v in self.sharded.items() if k not in ("params", "grads"))
+
+    @property
+    def adam_state_bytes(self) -> int:
+        return sum(v for k, v in self.adam.items() if k not in ("params", "grads"))
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.update(adam_total=self.adam_total, sharded_total=self.sharded_total,
+                   sharded_state_bytes=self.sharded_state_bytes, adam_state_bytes=self.adam_state_bytes)
+        return out
+
+
+def _itemsize(dtype: str) -> int:
+    try:
+        return DTYPE_BYTES[dtype]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {dtype!r}; expected one of {sorted(DTYPE_BYTES)}") from None
+
+
+def state_kinds(amsgrad=False, ema=False, accumulation_steps=None) -> list:
+    """Optimizer state kinds, in ShardedAdam's order."""
+    kinds = ["m", "v"]
+    if amsgrad:
+        kinds.append("v_hat")
+    if ema:
+        kinds.append("ema")
+    if accumulation_steps:
+        kinds.append("accumulator")
+    return kinds
+
+
+def plan(
+    variables: Sequence[VariableSpec],
+    workers: int,
+    *,
+    amsgrad: bool = False,
+    ema: bool = False,
+    accumulation_steps: int | None = None,
+    master_weights: bool = False,
+    bucket_elements: int | None = None,
+    shard_alignment: int = 1,
+) -> Plan:
+    """Per-worker memory and communication for ``variables`` on ``workers``."""
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    if accumulation_steps is not None and (not isinstance(accumulation_steps, int) or accumulation_steps < 2):
+        raise ValueError(f"accumulation_steps must be an integer >= 2 or None, got {accumulation_steps!r}")
+    if not variables:
+        raise ValueError("no trainable variables to plan for")
+    for spec in variables:
+        _itemsize(spec.dtype)
+    if master_weights and any(_itemsize(v.dtype) != 2 for v in variables):
+        raise ValueError("--master-weights models 16-bit parameters with a float32 master copy: "
+                         "use --dtype bfloat16 or float16")
+
+    params = sum(math.prod(v.shape) for v in variables)
+    param_bytes = sum(math.prod(v.shape) * _itemsize(v.dtype) for v in variables)
+    kinds = state_kinds(amsgrad, ema, accumulation_steps)
+
+    # State dtype per kind. With master weights (the paper's recipe) m, v and
+    # the master copy are float32; the others stay in the parameter dtype.
+    def kind_itemsize(kind, dtype):
+        if master_weights and kind in ("m", "v", "master"):
+            return _itemsize(MASTER_DTYPE)
+        return _itemsize(dtype)
+
+    state_kinds_all = (["master"] if master_weights else []) + kinds
+
+    adam = {"params": param_bytes, "grads": param_bytes}
+    for kind in state_kinds_all:
+        adam[kind] = sum(math.prod(v.shape) * kind_itemsize(kind, v.dtype) for v in variables)
+
+    layout = plan_layout(list(variables), num_shards=workers, bucket_elements=bucket_elements,
+                         shard_alignment=shard_alignment)
+    sharded = {"params": param_bytes, "grads": param_bytes}
+    for kind in state_kinds_all:
+        sharded[kind] = sum(b.shard_size * kind_itemsize(kind, b.dtype) for b in layout.buckets)
+    padding = sum(b.padding for b in layout.buckets)
+
+    k = sum(adam[kind] for kind in state_kinds_all) / params
+
+    n = workers
+    padded_bytes = sum(b.padded_size * _itemsize(b.dtype) for b in layout.buckets)
+    frac = (n - 1) / n
+    micro = accumulation_steps or 1
+    comm = {
+        "allreduce_bound": 2 * param_bytes * frac,
+        "adam_allreduce": 2 * param_bytes * frac,
+        "zero1_reduce_scatter_all_gather": micro * padded_bytes * frac + padded_bytes * frac,
+        "sharded_allreduce_slice": micro * 2 * padded_bytes * frac + padded_bytes * frac,
+    }
+    options = {
+        "amsgrad": amsgrad, "ema": ema, "accumulation_steps": accumulation_steps,
+        "master_weights": master_weights, "bucket_elements": bucket_elements,
+        "shard_alignment": shard_alignment, "dtypes": sorted({v.dtype for v in variables}),
+        "buckets": len(layout.buckets),
+    }
+    return Plan(params=params, workers=n, param_bytes=param_bytes, adam=adam, sharded=sharded,
+                k_bytes_per_param=k, padding_elements=padding, comm=comm, options=options)
+
+
+def variables_from_count(params: float, dtype: str) -> list:
+    count = int(params)
+    if count != params or count < 1:
+        raise ValueError(f"--params must be a positive whole number, got {params!r}")
+    _itemsize(dtype)
+    # One variable of Ψ elements: one bucket, the layout ShardedAdam uses for a
+    # single-dtype model with the default bucket_elements=None.
+    return [VariableSpec("params", (count,), dtype)]
+
+
+def variables_from_model(path: str) -> list:
+    """Trainable variables of a saved Keras model (``.keras`` or ``.h5``)."""
+    import keras
+
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except Exception as error:  # loader errors vary by format and Keras version
+        raise ValueError(f"cannot load a Keras model from {path!r}: {error}") from error
+    specs = [VariableSpec(str(v.path), tuple(int(d) for d in v.shape), str(v.dtype))
+             for v in model.trainable_variables]
+    if not specs:
+        raise ValueError(f"model {path!r} has no trainable variables")
+    return specs
+
+
+# ------------------------------------------------------------------ printing
+def _fmt(nbytes: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
+LABELS = {
+    "params": "parameters", "grads": "gradients", "master": "fp32 master copy", "m": "m (1st moment)",
+    "v": "v (2nd moment)", "v_hat": "v_hat (amsgrad)", "ema": "EMA weights", "accumulator": "grad accumulator",
+}
+
+
+def render(p: Plan) -> str:
+    o = p.options
+    flags = [f"dtype {'/'.join(o['dtypes'])}"]
+    if o["master_weights"]:
+        flags.append("fp32 master weights (paper's mixed precision)")
+    for name in ("amsgrad", "ema"):
+        if o[name]:
+            flags.append(name)
+    if o["accumulation_steps"]:
+        flags.append(f"accumulation {o['accumulation_steps']} steps")
+    lines = [
+        f"Ψ = {p.params:,} parameters ({_fmt(p.param_bytes)}), N = {p.workers} workers, {', '.join(flags)}",
+        f"K = {p.k_bytes_per_param:g} bytes of optimizer state per parameter "
+        f"(ZeRO accounting: DP holds (p+g+K)Ψ per worker, stage 1 holds (p+g)Ψ + KΨ/N)",
+        "",
+        f"{'per worker':<22}{'keras Adam (DP)':>18}{'ShardedAdam':>18}",
+    ]
+    for kind in p.adam:
+        lines.append(f"{LABELS[kind]:<22}{_fmt(p.adam[kind]):>18}{_fmt(p.sharded[kind]):>18}")
+    lines.append(f"{'total model states':<22}{_fmt(p.adam_total):>18}{_fmt(p.sharded_total):>18}")
+    lines.append(f"{'optimizer state':<22}{_fmt(p.adam_state_bytes):>18}{_fmt(p.sharded_state_bytes):>18}"
+                 f"   ({p.sharded_state_bytes / p.adam_state_bytes:.4f}x; padding {p.padding_elements} "
+                 f"elements in {o['buckets']} bucket(s))")
+    c = p.comm
+    steps = f" (A = {o['accumulation_steps']} micro-steps per update)" if o["accumulation_steps"] else ""
+    lines += [
+        "",
+        f"bytes sent per worker per optimizer update{steps}:",
+        f"  ring all-reduce bound 2Ψ(N-1)/N            {_fmt(c['allreduce_bound']):>12}",
+        f"  keras Adam (DP all-reduce)                  {_fmt(c['adam_allreduce']):>12}",
+        f"  ShardedAdam, native reduce-scatter (ZeRO-1) {_fmt(c['zero1_reduce_scatter_all_gather']):>12}",
+        f"  ShardedAdam, all-reduce + slice             {_fmt(c['sharded_allreduce_slice']):>12}"
+        "   (TF CPU collectives; Horovod backend default)",
+    ]
+    return "\n".join(lines)
+
+
+def add_arguments(parser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--params", type=float, help="number of trainable parameters, e.g. 7e9")
+    source.add_argument("--model", help="read the trainable variables from a saved Keras model (.keras/.h5)")
+    parser.add_argument("--workers", type=int, required=True, help="data-parallel workers N")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPE_BYTES),
+                        help="parameter dtype with --params (default float32; Keras mixed_* policies keep float32 "
+                             "variables)")
+    parser.add_argument("--amsgrad", action="store_true", help="add v_hat")
+    parser.add_argument("--ema", action="store_true", help="add the EMA weights (use_ema=True)")
+    parser.add_argument("--accumulation", type=int, metavar="A", default=None,
+                        help="gradient_accumulation_steps (adds an accumulator; ShardedAdam reduce-scatters "
+                             "every micro-step)")
+    parser.add_argument("--master-weights", action="store_true",
+                        help="the ZeRO paper's mixed precision: 16-bit params/grads + fp32 master, m, v (K=12)")
+    parser.add_argument("--bucket-elements", type=int, default=None, help="ShardedAdam(bucket_elements=...)")
+    parser.add_argument("--shard-alignment", type=int, default=1, help="ShardedAdam(shard_alignment=...)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def run(args) -> int:
+    import json
+
+    if args.model:
+        variables = variables_from_model(args.model)
+    else:
+        variables = variables_from_count(args.params, args.dtype)
+    result = plan(variables, args.workers, amsgrad=args.amsgrad, ema=args.ema,
+                  accumulation_steps=args.accumulation, master_weights=args.master_weights,
+                  bucket_elements=args.bucket_elements, shard_alignment=args.shard_alignment)
+    print(json.dumps(result.to_dict(), indent=1) if args.json else render(result))
+    return 0
