@@ -59,7 +59,7 @@ class ClusterSpec:
 
     rank: int
     world_size: int
-    peers: tuple = ()
+    peers: tuple[str, ...] = ()
     tf_config: dict | None = None
     source: str = "local"
 
@@ -473,7 +473,11 @@ def _port_var(env, name, source) -> int:
 
 
 # ------------------------------------------------------------------- strategy
-def strategy_from_env(communication_timeout: float | None = None, environ: Mapping[str, str] | None = None):
+def strategy_from_env(
+    communication_timeout: float | None = None,
+    environ: Mapping[str, str] | None = None,
+    cluster: ClusterSpec | None = None,
+):
     """The ``tf.distribute`` strategy for the environment this process runs in.
 
     * Several workers (any source above): ``MultiWorkerMirroredStrategy``,
@@ -484,13 +488,17 @@ def strategy_from_env(communication_timeout: float | None = None, environ: Mappi
       ``DISTADAM_LOGICAL_DEVICES`` logical CPU devices when that is set, or
       over the one CPU.
 
+    Pass ``cluster`` when the script already called :func:`resolve_cluster`:
+    under MPI resolving is itself a collective (the address rendezvous), so
+    doing it twice costs a round trip and picks new ports.
+
     Call it before anything else touches TensorFlow devices: logical devices
     and the collective server can only be configured before the runtime starts.
     """
     import tensorflow as tf
 
     env = os.environ if environ is None else environ
-    spec = resolve_cluster(env)
+    spec = resolve_cluster(env) if cluster is None else cluster
     logical_cpus = _logical_cpu_count(env)
     if logical_cpus > 1:
         _configure_logical_cpus(tf, logical_cpus)

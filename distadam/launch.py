@@ -199,13 +199,19 @@ class Worker:
 
 def _relay(stream, sink, rank: int, lock: threading.Lock) -> None:
     prefix = f"[rank {rank}] "
+    sink_open = True
     for raw in iter(stream.readline, b""):
+        if not sink_open:
+            continue  # keep draining: a worker blocked on a full pipe would hang the job
         line = raw.decode("utf-8", errors="replace")
         if not line.endswith("\n"):
             line += "\n"
         with lock:
-            sink.write(prefix + line)
-            sink.flush()
+            try:
+                sink.write(prefix + line)
+                sink.flush()
+            except (BrokenPipeError, ValueError):  # e.g. `distadam-launch ... | head`
+                sink_open = False
     stream.close()
 
 
@@ -226,6 +232,7 @@ class Launcher:
         self.output_lock = threading.Lock()
         self.workers: list[Worker] = []
         self.received_signal = None
+        self.failure_code = 1
         self.deadline = None if args.timeout is None else time.monotonic() + args.timeout
 
     def say(self, message: str) -> None:
@@ -242,7 +249,7 @@ class Launcher:
                 outcome = self._run_once(attempt)
                 if outcome is not None:
                     return outcome
-            return self._failure_code
+            return self.failure_code
         finally:
             self._kill_all()
             for sig, handler in previous.items():
@@ -272,7 +279,7 @@ class Launcher:
                     self.say(f"rank {failed.rank} (pid {failed.pid}) {describe_exit(code)}; "
                              f"stopping the other {len(running)} running worker(s)")
                     self._stop_all()
-                    self._failure_code = code if 0 < code < 256 else 1
+                    self.failure_code = code if 0 < code < 256 else 1
                     return None
                 if all(w.poll() == 0 for w in self.workers):
                     self._finish_output()
@@ -326,8 +333,6 @@ class Launcher:
     def _finish_output(self) -> None:
         for worker in self.workers:
             worker.finish_output()
-
-    _failure_code = 1
 
 
 def main(argv=None) -> int:

@@ -85,7 +85,7 @@ class DistributeRuntime:
         if not self.cluster.is_distributed:
             environ.setdefault(distadam.cluster.LOGICAL_DEVICES_ENV, str(args.replicas))
         self.strategy = distadam.strategy_from_env(
-            communication_timeout=args.collective_timeout, environ=environ
+            communication_timeout=args.collective_timeout, environ=environ, cluster=self.cluster
         )
         self.rank = self.cluster.rank
         self.world_size = self.cluster.world_size

@@ -306,3 +306,38 @@ def test_strategy_from_env(kind, expected):
                             timeout=100, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1].startswith(expected), result.stdout
+
+
+@pytest.mark.timeout(180)
+def test_mpirun_main_job_resolves_peers_through_mpi(tmp_path):
+    """``mpirun -np 2 python train.py``, no TF_CONFIG: the Open MPI variables
+    plus distadam.mpi_rendezvous give MultiWorkerMirroredStrategy its cluster."""
+    import os
+    import signal
+
+    import numpy as np
+
+    venv_bin = Path(sys.executable).parent
+    if not (venv_bin / "mpirun").exists():
+        pytest.skip("no mpirun in the venv (scripts/install_horovod.sh installs Open MPI)")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    env["PATH"] = f"{venv_bin}{os.pathsep}{env['PATH']}"
+    if os.geteuid() == 0:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    proc = subprocess.Popen(
+        [str(venv_bin / "mpirun"), "-np", "2", sys.executable, "examples/train_digits.py", "--epochs", "1",
+         "--max-steps", "4", "--out", str(tmp_path / "rank{rank}.npz")],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=150)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+    assert proc.returncode == 0, out[-4000:]
+    assert "cluster: Open MPI rendezvous, 2 worker(s)" in out
+    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
+    for key in ranks[0].files:
+        np.testing.assert_array_equal(ranks[0][key], ranks[1][key])

@@ -172,7 +172,6 @@ def load_weights_of_untrained_model():
 # -------------------------------------------------------- failure paths
 @pytest.mark.timeout(120)
 def test_failed_worker_stops_the_job_and_is_named(tmp_path):
-    started = time.monotonic()
     # Rank 2 ignores SIGTERM, so stopping it needs the SIGKILL escalation;
     # every worker has a child of its own, reachable only through its group.
     code, stdout, stderr = run(
@@ -181,12 +180,14 @@ def test_failed_worker_stops_the_job_and_is_named(tmp_path):
          "--ignore-sigterm-rank", "2", "--spawn-child"],
         timeout=90,
     )
-    elapsed = time.monotonic() - started
+    exited_at = time.time()
     assert code == 3, stderr
     assert "rank 1 (pid" in stderr and "exited with code 3" in stderr
     assert "stopping the other 2 running worker(s)" in stderr
-    # The healthy workers would sleep for 600 s: the launcher stopped them.
-    assert elapsed < 60, f"the launcher took {elapsed:.0f}s to give up after a failure"
+    # The healthy workers would sleep for 600 s: the launcher stopped them
+    # (grace period 2 s, then SIGKILL for the one ignoring SIGTERM).
+    reaction = exited_at - float((tmp_path / "1.failed_at").read_text())
+    assert reaction < 20, f"the launcher took {reaction:.0f}s to give up after rank 1 failed"
     assert len(recorded_pids(tmp_path)) == 6
     assert_no_survivors(recorded_pids(tmp_path))
     assert (tmp_path / "0.signal").read_text() == "SIGTERM"
@@ -208,12 +209,12 @@ def test_worker_killed_by_signal_is_reported(tmp_path):
 @pytest.mark.timeout(120)
 def test_timeout_kills_everything(tmp_path):
     code, _, stderr = run(
-        [*console_script(), "--nproc", "2", "--timeout", "4", "--grace-period", "1", "--no-python",
+        [*console_script(), "--nproc", "2", "--timeout", "10", "--grace-period", "1", "--no-python",
          sys.executable, str(PROBE), "--pid-dir", str(tmp_path), "--spawn-child"],
         timeout=90,
     )
     assert code == launch.EXIT_TIMEOUT, stderr
-    assert "timeout: the job did not finish within 4s" in stderr
+    assert "timeout: the job did not finish within 10s" in stderr
     assert len(recorded_pids(tmp_path)) == 4
     assert_no_survivors(recorded_pids(tmp_path))
 
@@ -271,7 +272,7 @@ def test_restarts_rerun_the_whole_job(tmp_path):
 @pytest.mark.timeout(120)
 def test_output_lines_are_prefixed_per_stream(tmp_path):
     code, stdout, stderr = run(
-        [*console_script(), "--nproc", "2", "--timeout", "5", "--grace-period", "1", "--no-python",
+        [*console_script(), "--nproc", "2", "--grace-period", "1", "--no-python",
          sys.executable, str(PROBE), "--pid-dir", str(tmp_path), "--sleep", "0"],
         timeout=90,
     )

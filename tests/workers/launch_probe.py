@@ -56,7 +56,17 @@ sys.stdout.flush()
 
 fails = rank == args.fail_rank and not (args.fail_only_first_attempt and attempt > 0)
 if fails:
+    # Fail only once every worker of this attempt is up and recorded, so the
+    # test knows exactly which processes the launcher had to stop.
+    world = int(os.environ["DISTADAM_WORLD_SIZE"])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all(
+        os.path.exists(os.path.join(args.pid_dir, f"{r}.{attempt}.pids")) for r in range(world)
+    ):
+        time.sleep(0.05)
     time.sleep(args.fail_after)
+    with open(os.path.join(args.pid_dir, f"{rank}.failed_at"), "w") as f:
+        f.write(repr(time.time()))
     if args.exit_code < 0:
         os.kill(os.getpid(), -args.exit_code)  # die by that signal
     os._exit(args.exit_code)
