@@ -1,0 +1,213 @@
+"""Run every benchmark and write benchmarks/results/results.json, the PNG plots
+and the markdown table.
+
+    python benchmarks/run_all.py            # full run, a few minutes on 2 cores
+    python benchmarks/run_all.py --quick    # memory + collectives only (CI-sized)
+
+Each MirroredStrategy set-up (N = 1, 2, 3, 4, 8 logical CPUs) runs in its own
+process, because TensorFlow allows one MirroredStrategy per process. The
+structural measurements (memory, collective launches, bytes) do not depend on
+timing, so they run two processes at a time; timing runs alone, one process
+after another, so the two measured optimizers compete only with each other.
+The Horovod column runs under ``horovodrun -np 2`` when Horovod is importable.
+Every child gets a hard timeout and is killed with its whole process group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+
+
+def child_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), str(ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.pop("TF_CONFIG", None)
+    return env
+
+
+def run_child(args, timeout, label):
+    """Run ``args`` in its own process group; kill the group on every exit path."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(args, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out, _ = proc.communicate()
+        raise RuntimeError(f"{label}: timed out after {timeout}s\n{out[-3000:]}") from None
+    finally:
+        _kill_group(proc)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{label}: exit code {proc.returncode}\n{out[-5000:]}")
+    print(f"[bench] {label}: {time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
+    return out
+
+
+def _kill_group(proc):
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+
+
+def mirrored(replicas, tasks, workdir, timeout, extra=()):
+    out = Path(workdir) / f"mirrored_{replicas}_{'_'.join(tasks)}.json"
+    run_child([sys.executable, str(HERE / "mirrored_worker.py"), "--replicas", str(replicas),
+               "--tasks", ",".join(tasks), "--out", str(out), *extra],
+              timeout, f"MirroredStrategy N={replicas} [{','.join(tasks)}]")
+    return json.loads(out.read_text())
+
+
+def horovod_available():
+    if importlib.util.find_spec("horovod") is None:
+        return "not measured: horovod not installed"
+    if importlib.util.find_spec("horovod.tensorflow") is None:
+        return "not measured: horovod has no TensorFlow support"
+    if shutil.which("horovodrun", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")) is None:
+        return "not measured: horovodrun not found"
+    return None
+
+
+def run_horovod(workdir, timeout, extra=()):
+    out = Path(workdir) / "horovod.json"
+    bindir = str(Path(sys.executable).parent)
+    horovodrun = shutil.which("horovodrun", path=bindir + os.pathsep + os.environ.get("PATH", ""))
+    # horovodrun starts `python` from PATH: put this interpreter's bin first.
+    os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    run_child([horovodrun, "-np", "2", "-H", "localhost:2", "--gloo", sys.executable,
+               str(HERE / "horovod_worker.py"), "--out", str(out), *extra],
+              timeout, "horovodrun -np 2")
+    return json.loads(out.read_text())
+
+
+def machine():
+    cpu_model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for package in ("tensorflow", "keras", "horovod", "numpy"):
+        try:
+            versions[package] = importlib.metadata.version(package if package != "tensorflow" else _tf_dist())
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        commit = None
+    return {
+        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_model": cpu_model,
+        "python": platform.python_version(),
+        "versions": versions,
+        "platform": platform.platform(),
+        "git_commit": commit,
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def _tf_dist():
+    import importlib.metadata as md
+
+    for name in ("tensorflow-cpu", "tensorflow", "tensorflow-gpu"):
+        try:
+            md.version(name)
+            return name
+        except md.PackageNotFoundError:
+            continue
+    return "tensorflow"
+
+
+PLAN = {
+    # replicas -> structural tasks
+    "full": {1: ["memory"], 2: ["memory", "collectives", "bytes"], 3: ["memory", "bytes"],
+             4: ["memory", "collectives", "bytes"], 8: ["memory", "bytes"]},
+    "quick": {1: ["memory"], 2: ["memory", "collectives", "bytes"], 3: ["memory"]},
+}
+TIMED_REPLICAS = (2, 4)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="memory and collective counts only, small sizes (what CI runs)")
+    parser.add_argument("--out", default=str(RESULTS), help="directory for results.json and plots")
+    parser.add_argument("--repetitions", type=int, default=11, help="interleaved A/B timing repetitions")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per repetition and optimizer")
+    parser.add_argument("--no-horovod", action="store_true", help="skip the horovodrun column")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--timeout", type=float, default=600, help="hard limit per child process, seconds")
+    args = parser.parse_args(argv)
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = PLAN["quick" if args.quick else "full"]
+    collective_sizes = "10,100" if args.quick else "10,100,1000"
+    started = time.perf_counter()
+    results = {"machine": machine(), "mode": "quick" if args.quick else "full", "mirrored": {}}
+    with tempfile.TemporaryDirectory(prefix="distadam-bench-") as workdir:
+        extra = ["--collective-sizes", collective_sizes]
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            futures = {n: pool.submit(mirrored, n, tasks, workdir, args.timeout, extra) for n, tasks in plan.items()}
+            for n, future in futures.items():
+                results["mirrored"][str(n)] = future.result()
+
+        if not args.quick:
+            timing_args = ["--repetitions", str(args.repetitions), "--steps", str(args.steps)]
+            for n in TIMED_REPLICAS:
+                timed = mirrored(n, ["timing"], workdir, args.timeout, timing_args)
+                results["mirrored"][str(n)]["timing"] = timed["timing"]
+
+        if args.no_horovod or args.quick:
+            results["horovod"] = {"not_measured": "skipped (--quick / --no-horovod)"}
+        else:
+            missing = horovod_available()
+            if missing:
+                results["horovod"] = {"not_measured": missing}
+            else:
+                hvd_args = ["--collective-sizes", collective_sizes,
+                            "--repetitions", str(args.repetitions), "--steps", str(args.steps)]
+                results["horovod"] = run_horovod(workdir, args.timeout, hvd_args)
+
+    results["elapsed_s"] = time.perf_counter() - started
+    path = out_dir / "results.json"
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"[bench] wrote {path} ({results['elapsed_s']:.0f}s)", file=sys.stderr)
+
+    import report
+
+    if not args.no_plots:
+        for plot in report.plots(results, out_dir):
+            print(f"[bench] wrote {plot}", file=sys.stderr)
+    print(report.markdown(results))
+
+
+if __name__ == "__main__":
+    main()
