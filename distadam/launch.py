@@ -134,15 +134,15 @@ def worker_environments(nproc: int, devices_per_worker: int, restart: int, base=
         if name in _INHERITED_CLUSTER_VARS or name.startswith(_INHERITED_CLUSTER_PREFIXES):
             del base[name]
     base["PYTHONUNBUFFERED"] = "1"  # lines reach the prefixer as they are printed
-    if devices_per_worker > 1:
-        base[LOGICAL_DEVICES_ENV] = str(devices_per_worker)
+    # Always set, so a script's own default (train_digits.py's --replicas)
+    # never overrides what the launcher was asked for.
+    base[LOGICAL_DEVICES_ENV] = str(devices_per_worker)
     peers = [f"127.0.0.1:{port}" for port in free_ports(nproc)] if nproc > 1 else []
     envs = []
     for rank in range(nproc):
         env = dict(base)
         env.update(
             DISTADAM_RANK=str(rank),
-            DISTADAM_LOCAL_RANK=str(rank),
             DISTADAM_WORLD_SIZE=str(nproc),
             DISTADAM_RESTART_COUNT=str(restart),
         )

@@ -282,8 +282,19 @@ def test_dockerfile_builds_what_the_manifests_run():
     dockerfile = (K8S / "Dockerfile").read_text()
     assert "ARG BASE_IMAGE=" in dockerfile and "ARG TF_EXTRA=" in dockerfile
     assert "USER ${UID}" in dockerfile and "WORKDIR /app" in dockerfile
-    for relative in ("examples/train_digits.py", "distadam"):
-        assert (ROOT / relative).exists()
+    # Every COPY source exists in the build context (the repository root).
+    copied = []
+    for line in dockerfile.splitlines():
+        words = line.split()
+        if words[:1] == ["COPY"]:
+            sources = [w for w in words[1:-1] if not w.startswith("--")]
+            copied += sources
+            missing = [source for source in sources if not (ROOT / source).exists()]
+            assert not missing, f"Dockerfile copies {missing}, which the repository lacks"
+    assert {"distadam", "examples", "pyproject.toml"} <= set(copied)
+    ignore = (K8S / "Dockerfile.dockerignore").read_text().split()
+    assert all(f"!{source}" in ignore or f"!{source}/" in ignore for source in copied), \
+        "a COPY source is excluded from the build context by Dockerfile.dockerignore"
     # Every manifest's training command refers to a file the image contains.
     for path, doc in all_raw_documents():
         for _, template in pod_templates(doc):

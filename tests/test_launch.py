@@ -156,6 +156,20 @@ def test_launcher_trains_main_job_like_one_process(nproc, launcher, tmp_path, si
     assert max_relative_difference(per_rank[0], single_process_reference) <= 1e-5
 
 
+@pytest.mark.timeout(300)
+def test_one_worker_with_logical_devices(tmp_path, single_process_reference):
+    """--nproc 1 --devices-per-worker 3: MirroredStrategy over 3 logical CPUs."""
+    code, stdout, stderr = run(
+        [*console_script(), "--nproc", "1", "--devices-per-worker", "3", "--timeout", "240", str(MAIN_JOB),
+         *TRAIN_ARGS, "--out", str(tmp_path / "weights.npz")],
+        timeout=270,
+    )
+    assert code == 0, f"stdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-3000:]}"
+    assert "[rank 0] cluster: local, 1 worker(s), 3 replica(s) in sync" in stdout
+    weights = load_weights(tmp_path / "weights.npz")
+    assert max_relative_difference(weights, single_process_reference) <= 1e-5
+
+
 def load_weights_of_untrained_model():
     code = ("import sys, numpy as np; sys.path.insert(0, 'examples'); import train_digits; "
             "m = train_digits.build_model(128, 3); "
@@ -299,9 +313,11 @@ def test_worker_environments_describe_one_local_cluster():
 
 
 def test_single_worker_gets_logical_devices_and_no_tf_config():
-    (env,) = launch.worker_environments(1, 4, restart=0, base={})
+    (env,) = launch.worker_environments(1, 4, restart=0, base={"DISTADAM_LOGICAL_DEVICES": "9"})
     assert "TF_CONFIG" not in env and env["DISTADAM_LOGICAL_DEVICES"] == "4"
     assert resolve_cluster(env).world_size == 1
+    (env,) = launch.worker_environments(1, 1, restart=0, base={})
+    assert env["DISTADAM_LOGICAL_DEVICES"] == "1"  # so the script's own default cannot apply
 
 
 @pytest.mark.parametrize("argv, message", [
