@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -97,6 +98,11 @@ def parse_args(argv=None):
         parser.error("--restarts must be >= 0")
     if args.module and args.no_python:
         parser.error("-m and --no-python exclude each other")
+    # Caught here, one clear line, rather than N identical worker tracebacks.
+    if args.no_python and shutil.which(args.command) is None:
+        parser.error(f"--no-python: {args.command!r} is not an executable on PATH")
+    if not args.module and not args.no_python and not os.path.isfile(args.command):
+        parser.error(f"no such script: {args.command!r} (use -m for a module)")
     return args
 
 

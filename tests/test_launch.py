@@ -325,14 +325,18 @@ def test_single_worker_gets_logical_devices_and_no_tf_config():
     (["--nproc", "0", "x.py"], "at least 1"),
     (["--timeout", "0", "x.py"], "--timeout must be positive"),
     (["-m", "--no-python", "x"], "exclude each other"),
+    (["--nproc", "2", "no/such/train.py"], "no such script: 'no/such/train.py'"),
+    (["--no-python", "no-such-program-xyz"], "not an executable on PATH"),
 ])
-def test_invalid_arguments_are_rejected(argv, message, capsys):
+def test_invalid_arguments_are_rejected(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # "x.py" must exist for the other checks to be reached
+    (tmp_path / "x.py").write_text("")
     with pytest.raises(SystemExit) as raised:
         launch.parse_args(argv)
     assert raised.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_script_arguments_pass_through_untouched():
-    args = launch.parse_args(["--nproc", "3", "train.py", "--nproc", "7", "--timeout", "x"])
+    args = launch.parse_args(["--nproc", "3", str(MAIN_JOB), "--nproc", "7", "--timeout", "x"])
     assert launch.worker_command(args)[-4:] == ["--nproc", "7", "--timeout", "x"]
     assert args.nproc == 3
