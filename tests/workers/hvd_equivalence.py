@@ -5,11 +5,13 @@ Adam on one process over the whole global batch. Prints one RESULT line per case
 usage: horovodrun -np N python hvd_equivalence.py CASES_JSON
 
 Each case: name, steps, mode ("custom" | "fit"), kwargs, schedule,
-target_scale (see common.py). Non-root ranks start from different weights, so
-the result is only right if the initial broadcast works.
+target_scale (see common.py), reduce_scatter ("allreduce" | "reducescatter").
+Non-root ranks start from different weights, so the result is only right if
+the initial broadcast works.
 """
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -116,6 +118,8 @@ for index, case in enumerate(cases):
     x = (local_slice(tokens, rows), local_slice(features, rows))
     y = local_slice(targets, rows)
 
+    # The backend reads its reduce-scatter mode when the optimizer is built.
+    os.environ["DISTADAM_HOROVOD_REDUCE_SCATTER"] = case.get("reduce_scatter", "allreduce")
     # Different initial weights off rank 0: the broadcast must fix them.
     model = common.make_model(seed=7 if rank == 0 else 100 + rank)
     optimizer = common.configure(distadam.ShardedAdam(**common.build_kwargs(case)), case)

