@@ -26,6 +26,7 @@ class DistributeCollectives(Collectives):
         super().__init__()
         self._strategy = strategy or tf.distribute.get_strategy()
         self._local_indices = None  # fixed for the strategy's lifetime
+        self._eager_all_reduce = None
 
     @property
     def strategy(self):
@@ -91,17 +92,24 @@ class DistributeCollectives(Collectives):
     def all_reduce_eagerly(self, values):
         if self.num_workers == 1:
             return np.asarray(values)
-        strategy = self._strategy
+        if self._eager_all_reduce is None:
+            strategy = self._strategy
 
-        @tf.function
-        def reduce():
-            return strategy.run(
-                lambda: tf.distribute.get_replica_context().all_reduce(
-                    tf.distribute.ReduceOp.SUM, tf.constant(values)
+            # One tf.function for the backend's lifetime: traced once per shape.
+            # tf.identity places each replica's copy on its own device, which
+            # MirroredStrategy's all-reduce needs to find its destinations.
+            @tf.function
+            def reduce(tensor):
+                return strategy.run(
+                    lambda t: tf.distribute.get_replica_context().all_reduce(
+                        tf.distribute.ReduceOp.SUM, tf.identity(t)
+                    ),
+                    args=(tensor,),
                 )
-            )
 
-        return np.asarray(strategy.experimental_local_results(reduce())[0])
+            self._eager_all_reduce = reduce
+        result = self._eager_all_reduce(tf.constant(values))
+        return np.asarray(self._strategy.experimental_local_results(result)[0])
 
     def local_worker_indices(self):
         if self.num_workers == 1:

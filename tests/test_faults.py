@@ -1,0 +1,120 @@
+"""Worker failure: bounded exit, launcher restart, resume from the last checkpoint."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import WORKERS, worker_env
+
+# The bound this project promises for noticing a dead peer (the default
+# collective timeout in the fault worker is 30 s; heartbeats are faster).
+FAILURE_BOUND_SECONDS = 60
+
+
+def launch(args, timeout):
+    """Run distadam-launch; returns (exit code, output, wall seconds)."""
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distadam.launch", *map(str, args)],
+        cwd=WORKERS, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, _ = proc.communicate()
+        pytest.fail(f"launcher did not finish in {timeout}s:\n{out[-4000:]}")
+    return proc.returncode, out, time.monotonic() - started
+
+
+def worker_pids(output):
+    return [int(p) for p in re.findall(r"pids? ([\d, ]+)", output) for p in p.replace(",", " ").split()]
+
+
+def assert_no_survivors(output):
+    for pid in worker_pids(output):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        pytest.fail(f"worker pid {pid} outlived the launcher")
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("workers", [2, 3])
+def test_killed_worker_stops_the_job_in_bounded_time(tmp_path, workers):
+    victim = workers - 1
+    code, out, _ = launch(["--nproc", workers, "fault_train.py", tmp_path / "ckpt", tmp_path / "out",
+                           victim, 7], timeout=300)
+    assert code != 0
+    assert f"rank {victim}" in out and "SIGKILL" in out, out[-3000:]
+    # From the kill to the launcher's exit: bounded, not a hang.
+    killed_at = float(re.search(r"SIGKILL at step 7 at t=([\d.]+)", out).group(1))
+    waited = time.time() - killed_at
+    assert waited <= FAILURE_BOUND_SECONDS, f"launcher took {waited:.0f}s after the kill"
+    assert f"rank {victim} (pid" in out and "killed by SIGKILL" in out, out[-3000:]
+    assert_no_survivors(out)
+    assert not list(tmp_path.glob("out-rank*.npz"))  # nobody finished
+
+
+@pytest.mark.timeout(400)
+def test_survivor_exits_on_its_own_within_the_bound(tmp_path):
+    """Without a launcher (e.g. on Kubernetes) the surviving worker must not hang."""
+    import json
+    import socket
+
+    sockets = [socket.socket() for _ in range(2)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = []
+    try:
+        for rank in range(2):
+            env = worker_env(TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": rank}}),
+                             DISTADAM_RANK=rank)
+            procs.append(subprocess.Popen(
+                [sys.executable, "fault_train.py", tmp_path / "ckpt", tmp_path / "out", 1, 7],
+                cwd=WORKERS, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                start_new_session=True))
+        victim_out, _ = procs[1].communicate(timeout=240)
+        assert procs[1].returncode == -9, victim_out[-3000:]
+        killed_at = time.monotonic()
+        survivor_out, _ = procs[0].communicate(timeout=FAILURE_BOUND_SECONDS + 30)
+        waited = time.monotonic() - killed_at
+        assert procs[0].returncode != 0
+        assert waited <= FAILURE_BOUND_SECONDS, f"survivor took {waited:.0f}s to notice"
+        assert re.search(r"Unavailable|DeadlineExceeded|Connection reset|aborted", survivor_out), survivor_out[-3000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+
+
+@pytest.mark.timeout(600)
+def test_restart_resumes_from_last_checkpoint_and_matches_uninterrupted(tmp_path):
+    code, out, _ = launch(["--nproc", 2, "--restarts", 1, "--timeout", 400, "fault_train.py",
+                           tmp_path / "faulty", tmp_path / "faulty", 1, 7], timeout=450)
+    assert code == 0, out[-4000:]
+    assert "restarting the job" in out
+    assert "starting at step 5 from" in out  # the checkpoint before the kill
+    assert_no_survivors(out)
+
+    code, clean_out, _ = launch(["--nproc", 2, "fault_train.py", tmp_path / "clean", tmp_path / "clean"],
+                                timeout=300)
+    assert code == 0, clean_out[-4000:]
+    for rank in range(2):
+        faulty = np.load(tmp_path / f"faulty-rank{rank}.npz")
+        clean = np.load(tmp_path / f"clean-rank{rank}.npz")
+        assert int(faulty["iterations"]) == int(clean["iterations"]) == 16
+        for key in (k for k in clean.files if k.startswith("arr_")):
+            np.testing.assert_allclose(faulty[key], clean[key], rtol=1e-6, atol=1e-7)

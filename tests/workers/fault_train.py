@@ -1,0 +1,76 @@
+"""Checkpointed training under any launcher; optionally SIGKILLs itself once.
+
+usage: python fault_train.py CKPT_DIR OUT_PREFIX [KILL_RANK KILL_AT_STEP]
+
+Resumes from the newest usable checkpoint in CKPT_DIR, trains to step T with a
+checkpoint every EVERY steps, writes OUT_PREFIX-rank<r>.npz. With KILL_*, that
+rank kills itself with SIGKILL at that step, but only on the first attempt (a
+marker file in CKPT_DIR remembers), so a restarted job runs through.
+"""
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import common
+
+import distadam  # noqa: E402
+
+T, EVERY, BOUND_SECONDS = 16, 5, 30
+strategy = distadam.strategy_from_env(communication_timeout=BOUND_SECONDS)
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from distadam.checkpoint import ShardedCheckpointManager  # noqa: E402
+
+ckpt_dir, out_prefix = Path(sys.argv[1]), sys.argv[2]
+kill_rank, kill_at = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 4 else (None, None)
+rank = int(os.environ.get("DISTADAM_RANK", "0"))
+
+with strategy.scope():
+    model = common.make_model()
+    optimizer = distadam.ShardedAdam(learning_rate=0.01, global_clipnorm=0.05)
+    optimizer.build(model.trainable_variables)
+manager = ShardedCheckpointManager(ckpt_dir, model, optimizer, max_to_keep=2)
+restored = manager.restore()
+start = int(optimizer.iterations.numpy())
+print(f"rank {rank}: starting at step {start} from {restored}", flush=True)
+
+(tokens, features), targets = common.make_data(T)
+
+
+@tf.function
+def train_step(inputs, y):
+    def step_fn(inputs, y):
+        with tf.GradientTape() as tape:
+            loss = tf.nn.compute_average_loss(common.loss_fn(y, model(inputs, training=True)),
+                                              global_batch_size=common.GLOBAL_BATCH)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
+    strategy.run(step_fn, args=(inputs, y))
+
+
+def batch(step):
+    """This worker's part of global batch ``step`` (contiguous split by rank)."""
+    per_worker = common.GLOBAL_BATCH // strategy.num_replicas_in_sync
+    lo = step * common.GLOBAL_BATCH + rank * per_worker
+    return (tokens[lo:lo + per_worker], features[lo:lo + per_worker]), targets[lo:lo + per_worker]
+
+
+marker = ckpt_dir / f"killed-rank{kill_rank}"
+for step in range(start, T):
+    if rank == kill_rank and step == kill_at and not marker.exists():
+        marker.touch()
+        print(f"rank {rank}: SIGKILL at step {step} at t={time.time():.3f}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    inputs, y = batch(step)
+    train_step(inputs, y)
+    if (step + 1) % EVERY == 0:
+        manager.save()
+np.savez(f"{out_prefix}-rank{rank}.npz", *model.get_weights(),
+         iterations=np.array(int(optimizer.iterations.numpy())))
+print(f"rank {rank}: finished at step {int(optimizer.iterations.numpy())}", flush=True)
