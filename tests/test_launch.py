@@ -285,16 +285,21 @@ def test_restarts_rerun_the_whole_job(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_output_lines_are_prefixed_per_stream(tmp_path):
+    # Through the launch/local.sh wrapper, which the README shows.
     code, stdout, stderr = run(
-        [*console_script(), "--nproc", "2", "--grace-period", "1", "--no-python",
-         sys.executable, str(PROBE), "--pid-dir", str(tmp_path), "--sleep", "0"],
+        ["env", f"DISTADAM_PYTHON={sys.executable}", "NPROC=2", str(ROOT / "launch" / "local.sh"),
+         "--grace-period", "1", "--no-python", sys.executable, str(PROBE), "--pid-dir", str(tmp_path),
+         "--sleep", "0"],
         timeout=90,
     )
     assert code == 0, stderr
+    assert stdout.endswith("\n")  # the unterminated last line was completed
     for rank in range(2):
-        assert f"[rank {rank}] hello from rank {rank} of 2\n" in stdout
-        assert f"[rank {rank}] first line\n[rank {rank}] second line without newline\n" in stdout
-        assert f"[rank {rank}] rank {rank} stderr line\n" in stderr
+        prefix = f"[rank {rank}] "
+        own = [line[len(prefix):] for line in stdout.splitlines() if line.startswith(prefix)]
+        assert own == [f"hello from rank {rank} of 2", "first line", "second line without newline"]
+        assert f"{prefix}rank {rank} stderr line\n" in stderr
+    assert all(line.startswith(("[rank 0] ", "[rank 1] ")) for line in stdout.splitlines())
     assert_no_survivors(recorded_pids(tmp_path))
 
 
