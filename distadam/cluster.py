@@ -306,7 +306,7 @@ def _from_slurm(env) -> ClusterSpec | None:
 
     base_port = _port_var(env, "DISTADAM_PORT", source)
     peers, local_ids = [], []
-    for node, count in zip(nodes, tasks_per_node):
+    for node, count in zip(nodes, tasks_per_node, strict=True):
         for local_id in range(count):
             peers.append(f"{node}:{base_port + local_id}")
             local_ids.append(local_id)

@@ -393,7 +393,7 @@ def python_in_pod(pod, extra_args):
 def run_pods(pods, argvs, timeout=240):
     outputs = {}
     try:
-        for pod, argv in zip(pods, argvs):
+        for pod, argv in zip(pods, argvs, strict=True):
             pod.start(argv)
         for pod in pods:
             try:

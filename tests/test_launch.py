@@ -113,7 +113,7 @@ def load_weights(path):
 def max_relative_difference(weights, reference):
     """max over tensors of ||a - b||_inf / ||b||_inf."""
     return max(float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
-               for a, b in zip(weights, reference))
+               for a, b in zip(weights, reference, strict=True))
 
 
 # ------------------------------------------------------------- training
@@ -149,7 +149,7 @@ def test_launcher_trains_main_job_like_one_process(nproc, launcher, tmp_path, si
 
     per_rank = [load_weights(tmp_path / f"rank{r}.npz") for r in range(nproc)]
     for rank in range(1, nproc):
-        for a, b in zip(per_rank[0], per_rank[rank]):
+        for a, b in zip(per_rank[0], per_rank[rank], strict=True):
             np.testing.assert_array_equal(a, b, err_msg=f"rank {rank} weights differ from rank 0")
     initial = load_weights_of_untrained_model()
     assert max_relative_difference(initial, single_process_reference) > 1e-3, "reference did not train"
