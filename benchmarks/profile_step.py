@@ -19,7 +19,10 @@ Measured side by side in one process, interleaved like run_all.py:
   re-concatenates (one collective and two bucket copies saved);
 * ``sharded+all_to_all``: reduce-scatter as CollectiveAllToAllV2 + a local
   sum (Ψ(N−1)/N bytes per worker) instead of all-reduce + slice (2Ψ(N−1)/N);
-* ``sharded+all``: the three together.
+* ``sharded+all``: the three together;
+* ``sharded+no_skip``: ``ShardedAdam(skip_nonfinite=False)``, the price of the
+  global non-finite check (an is_finite pass, and tf.where over the shard's
+  parameters and every state kind).
 
 A tf.profiler trace of ``sharded`` and ``keras_adam`` is summarised by op type
 (self time over all replicas' threads) to show where the time goes.
@@ -148,7 +151,7 @@ def make_variant(name):
             if "all" in parts:
                 parts = {"static_slice", "direct_gather", "all_to_all"}
             cls = StaticSliceShardedAdam if "static_slice" in parts else distadam.ShardedAdam
-            optimizer = cls()
+            optimizer = cls(skip_nonfinite="no_skip" not in parts)
         if optimizer is not None:
             optimizer.build(model.trainable_variables)
             if isinstance(optimizer, distadam.ShardedAdam) and {"direct_gather", "all_to_all"} & parts:
@@ -174,7 +177,7 @@ def make_variant(name):
 
 
 VARIANTS = ["forward_backward", "keras_adam", "sharded", "sharded+static_slice", "sharded+direct_gather",
-            "sharded+all_to_all", "sharded+all"]
+            "sharded+all_to_all", "sharded+all", "sharded+no_skip"]
 
 
 def distributed_batch():

@@ -113,10 +113,14 @@ def _mb(nbytes):
 def machine_line(results):
     m = results["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
+    load = ""
+    if m.get("loadavg_1min_start") is not None:
+        load = (f" Load average {m['loadavg_1min_start']:.1f} at the start and "
+                f"{m.get('loadavg_1min_end', float('nan')):.1f} at the end (other jobs share the machine).")
     return (f"Measured {m['date_utc']} on {m['nproc']} CPU cores ({m['cpu_model']}), {versions}, "
             f"Python {m['python']}, commit {m.get('git_commit') or '?'}; run mode `{results['mode']}`, "
             f"{results['elapsed_s']:.0f} s. Logical CPU devices share the cores, so N>1 on this machine "
-            "measures overheads and ratios, not scaling.")
+            f"measures overheads and ratios, not scaling.{load}")
 
 
 def markdown(results) -> str:
@@ -231,6 +235,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="?", default=str(DEFAULT_RESULTS))
     parser.add_argument("--plots", action="store_true", help="also (re)write the PNG plots next to the JSON")
+    parser.add_argument("--update-readme", action="store_true",
+                        help="also replace the results section of benchmarks/README.md")
     args = parser.parse_args(argv)
     path = Path(args.results)
     if not path.exists():
@@ -239,7 +245,23 @@ def main(argv=None):
     if args.plots:
         for plot in plots(results, path.parent):
             print(f"wrote {plot}", file=sys.stderr)
-    print(markdown(results))
+    table = markdown(results)
+    if args.update_readme:
+        update_readme(table)
+    print(table)
+
+
+README = HERE / "README.md"
+BEGIN, END = "<!-- results:begin", "<!-- results:end -->"
+
+
+def update_readme(table, readme=README):
+    text = readme.read_text()
+    start, stop = text.find(BEGIN), text.find(END)
+    if start < 0 or stop < start:
+        raise SystemExit(f"{readme} has no '{BEGIN} ... {END}' section to replace")
+    head_end = text.index("\n", start) + 1
+    readme.write_text(text[:head_end] + table.rstrip() + "\n" + text[stop:])
 
 
 if __name__ == "__main__":

@@ -133,6 +133,8 @@ def machine():
         "platform": platform.platform(),
         "git_commit": commit,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        # Other jobs on the machine are the main source of timing noise.
+        "loadavg_1min_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -200,6 +202,8 @@ def main(argv=None):
                 results["horovod"] = run_horovod(workdir, args.timeout, hvd_args)
 
     results["elapsed_s"] = time.perf_counter() - started
+    if hasattr(os, "getloadavg"):
+        results["machine"]["loadavg_1min_end"] = round(os.getloadavg()[0], 2)
     path = out_dir / "results.json"
     path.write_text(json.dumps(results, indent=1) + "\n")
     print(f"[bench] wrote {path} ({results['elapsed_s']:.0f}s)", file=sys.stderr)
