@@ -259,7 +259,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
         iterations = self.iterations  # accumulated iterations, as Keras' Adam uses
 
         grad_shards = [
-            comm.reduce_scatter_sum(self._flatten(bucket, grads_by_index, like="zeros"))
+            comm.reduce_scatter_sum(self._flatten(bucket, grads_by_index))
             for bucket in layout.buckets
         ]
         segment_ids = [
@@ -465,7 +465,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
         return grad_shards
 
     # ------------------------------------------------------- layout plumbing
-    def _flatten(self, bucket, tensors_by_index, like):
+    def _flatten(self, bucket, tensors_by_index):
         pieces = []
         for seg in bucket.segments:
             tensor = tensors_by_index.get(seg.variable_index)
@@ -477,11 +477,26 @@ class ShardedAdam(keras.optimizers.Optimizer):
         return tf.concat(pieces, axis=0) if len(pieces) > 1 else pieces[0]
 
     def _own_param_shard(self, bucket, worker):
+        """This worker's [S] slice of the flattened parameters."""
+        static_worker = tf.get_static_value(worker)
+        if static_worker is not None:
+            # Known at trace time (Mirrored/MultiWorker replicas, Horovod ranks):
+            # copy only the owned pieces, 1/N of the parameters.
+            shard = int(static_worker)
+            pieces = [
+                tf.reshape(self._trainable_variables[seg.variable_index].value, [-1])[start:stop]
+                for seg, start, stop in bucket.owned_pieces(shard)
+            ]
+            lo, hi = bucket.shard_range(shard)
+            if bucket.shard_size > hi - lo:
+                pieces.append(tf.zeros([bucket.shard_size - (hi - lo)], dtype=bucket.dtype))
+            return tf.concat(pieces, axis=0) if len(pieces) > 1 else pieces[0]
+        # Dynamic replica id (TPU): flatten everything and pick the row.
         values = {
             seg.variable_index: self._trainable_variables[seg.variable_index].value
             for seg in bucket.segments
         }
-        flat = self._flatten(bucket, values, like="params")
+        flat = self._flatten(bucket, values)
         return tf.gather(tf.reshape(flat, [bucket.num_shards, bucket.shard_size]), worker)
 
     def _write_bucket(self, bucket, flat, grads_by_index):

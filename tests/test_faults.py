@@ -82,7 +82,7 @@ def test_survivor_exits_on_its_own_within_the_bound(tmp_path):
             env = worker_env(TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": rank}}),
                              DISTADAM_RANK=rank)
             procs.append(subprocess.Popen(
-                [sys.executable, "fault_train.py", tmp_path / "ckpt", tmp_path / "out", 1, 7],
+                [sys.executable, "fault_train.py", str(tmp_path / "ckpt"), str(tmp_path / "out"), "1", "7"],
                 cwd=WORKERS, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                 start_new_session=True))
         victim_out, _ = procs[1].communicate(timeout=240)
