@@ -1,11 +1,12 @@
 """Checkpointed training under any launcher; optionally SIGKILLs itself once.
 
-usage: python fault_train.py CKPT_DIR OUT_PREFIX [KILL_RANK KILL_AT_STEP]
+usage: python fault_train.py CKPT_DIR OUT_PREFIX [KILL_RANK KILL_AT_STEP [kill|stall]]
 
 Resumes from the newest usable checkpoint in CKPT_DIR, trains to step T with a
 checkpoint every EVERY steps, writes OUT_PREFIX-rank<r>.npz. With KILL_*, that
-rank kills itself with SIGKILL at that step, but only on the first attempt (a
-marker file in CKPT_DIR remembers), so a restarted job runs through.
+rank kills itself with SIGKILL (or, with "stall", hangs without exiting) at
+that step, but only on the first attempt (a marker file in CKPT_DIR
+remembers), so a restarted job runs through.
 """
 
 import os
@@ -28,6 +29,7 @@ from distadam.checkpoint import ShardedCheckpointManager  # noqa: E402
 
 ckpt_dir, out_prefix = Path(sys.argv[1]), sys.argv[2]
 kill_rank, kill_at = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 4 else (None, None)
+fault = sys.argv[5] if len(sys.argv) > 5 else "kill"
 rank = int(os.environ.get("DISTADAM_RANK", "0"))
 
 with strategy.scope():
@@ -65,6 +67,9 @@ marker = ckpt_dir / f"killed-rank{kill_rank}"
 for step in range(start, T):
     if rank == kill_rank and step == kill_at and not marker.exists():
         marker.touch()
+        if fault == "stall":
+            print(f"rank {rank}: stalling at step {step} at t={time.time():.3f}", flush=True)
+            time.sleep(3600)
         print(f"rank {rank}: SIGKILL at step {step} at t={time.time():.3f}", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     inputs, y = batch(step)
