@@ -85,6 +85,17 @@ def check(results) -> Checker:
                 c.note(f"memory {config} N={n}: ShardedAdam.variables lists {len(leaked)} model variables "
                        f"({leaked[0]}, ...); excluded from the state bytes")
 
+    hvd = results.get("horovod", {})
+    hvd_mem = hvd.get("memory", {}).get("default")
+    if hvd_mem:
+        n, adam = hvd["replicas"], hvd_mem["adam_bytes_per_replica"]
+        itemsize = hvd_mem["model"]["param_bytes"] // hvd_mem["model"]["params"]
+        target = (adam / n + 2 * (n - 1) * itemsize) / adam  # m and v, one bucket
+        ratio = hvd_mem["sharded_bytes_per_replica"] / adam
+        c.guard(ratio <= target, f"memory horovodrun -np {n}: ShardedAdam/Adam = {ratio:.4f} <= 1/N + padding = {target:.4f}")
+        c.guard(hvd_mem["sharded_reported_bytes_per_replica"] == hvd_mem["sharded_bytes_per_replica"],
+                f"memory horovodrun -np {n}: state_bytes_per_replica() == bytes of the state variables")
+
     rows = report.collective_rows(results)
     for setup in sorted({r["setup"] for r in rows}):
         mine = [r for r in rows if r["setup"] == setup]

@@ -1,7 +1,7 @@
 """One MirroredStrategy benchmark process: ShardedAdam vs keras.optimizers.Adam
 under the same strategy on N logical CPU devices, same models, same data.
 
-usage: python benchmarks/mirrored_worker.py --replicas N [--tasks memory,collectives,timing]
+usage: python benchmarks/mirrored_worker.py --replicas N [--tasks memory,collectives,bytes,timing]
        [--collective-sizes 10,100,1000] [--timing-models update_bound,compute_bound]
        [--repetitions R] [--steps S] [--warmup W] --out result.json
 
@@ -20,7 +20,7 @@ import time
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--replicas", type=int, required=True)
-    parser.add_argument("--tasks", default="memory,collectives,timing")
+    parser.add_argument("--tasks", default="memory,collectives,bytes,timing")
     parser.add_argument("--collective-sizes", default="10,100,1000")
     # Tracing Keras Adam's per-variable update under MirroredStrategy costs
     # seconds per variable and replica; its launch count is one packed

@@ -1,7 +1,7 @@
-"""Where the step time goes at N=4 on the update-bound model, and what three
-hot-path changes would buy. Prototypes live here (subclasses), not in distadam.
+"""Where the step time goes at N=4 (or --replicas) on the update-bound model,
+and what three hot-path changes would buy. Prototypes live here (subclasses), not in distadam.
 
-    python benchmarks/profile_step.py [--replicas 4] [--repetitions 9] [--out results/profile.json]
+    python benchmarks/profile_step.py [--replicas 4] [--repetitions 9] [--out results/profile_n4.json]
 
 Measured side by side in one process, interleaved like run_all.py:
 
@@ -44,8 +44,10 @@ parser.add_argument("--repetitions", type=int, default=9)
 parser.add_argument("--steps", type=int, default=5)
 parser.add_argument("--warmup", type=int, default=3)
 parser.add_argument("--profile-steps", type=int, default=5)
-parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "profile.json"))
+parser.add_argument("--out", default=None, help="JSON output (default: benchmarks/results/profile_n<N>.json)")
 ARGS = parser.parse_args()
+if ARGS.out is None:
+    ARGS.out = str(Path(__file__).resolve().parent / "results" / f"profile_n{ARGS.replicas}.json")
 
 import harness  # noqa: E402
 
@@ -139,6 +141,9 @@ def fast_collectives(direct_gather, all_to_all):
 
 
 # -------------------------------------------------------------- variants
+RECORDERS = {}
+
+
 def make_variant(name):
     with STRATEGY.scope():
         model = harness.mlp(SPEC["input_dim"], SPEC["widths"])
@@ -156,6 +161,9 @@ def make_variant(name):
             optimizer.build(model.trainable_variables)
             if isinstance(optimizer, distadam.ShardedAdam) and {"direct_gather", "all_to_all"} & parts:
                 optimizer._collectives.__class__ = fast_collectives("direct_gather" in parts, "all_to_all" in parts)
+            if isinstance(optimizer, distadam.ShardedAdam):
+                # Before the first trace, so the byte accounting sees every call.
+                RECORDERS[name] = harness.CallRecorder(optimizer._collectives)
     global_batch = N * SPEC["batch_per_replica"]
 
     @tf.function
@@ -246,8 +254,18 @@ def main():
                for name, (_, _, step) in variants.items()}
     started = time.perf_counter()
     samples = harness.interleaved_timing(runners, ARGS.repetitions, ARGS.steps, ARGS.warmup)
+    param_bytes = harness.model_summary(variants["sharded"][0])["param_bytes"]
+    comm = {}
+    for name, (_, optimizer, step) in variants.items():
+        if optimizer is None:
+            continue
+        graph = step.get_concrete_function(x, y).graph
+        ops = harness.fill_dynamic_sizes(harness.traced_collectives(graph), RECORDERS.get(name))
+        summary = harness.collective_summary(ops, workers_in_graph=N, n=N)
+        summary["ratio_to_bound"] = summary["bytes_sent_per_worker"] / harness.allreduce_bound(param_bytes, N)
+        comm[name] = summary
     result = {
-        "replicas": N, "model": ARGS.model, "params": harness.model_summary(variants["sharded"][0])["params"],
+        "replicas": N, "model": ARGS.model, "collectives": comm, "params": harness.model_summary(variants["sharded"][0])["params"],
         "batch_per_replica": SPEC["batch_per_replica"],
         "max_abs_weight_difference_vs_sharded": equivalence,
         "times": {name: harness.time_stats(s) for name, s in samples.items()},
@@ -266,6 +284,10 @@ def main():
         print(f"  {name:<24} {1e3 * result['times'][name]['median_s']:7.1f} ms   "
               f"{r['median']:.3f} [{r['q25']:.3f}, {r['q75']:.3f}]")
     print("max |weights - ShardedAdam| after 3 steps:", equivalence)
+    print("\ncollective launches per step (graph) and bytes sent per worker / 2Ψ(N-1)/N:")
+    for name, summary in result["collectives"].items():
+        print(f"  {name:<24} {summary['total_launches_per_step']} {summary['launches_per_step']}  "
+              f"bytes ratio {summary['ratio_to_bound']:.3f}")
     for name, prof in result["profile"].items():
         if "error" in prof:
             print(f"\n{name}: {prof['error']}")

@@ -18,6 +18,10 @@ DEFAULT_RESULTS = HERE / "results" / "results.json"
 
 
 # ------------------------------------------------------------ derived numbers
+def _by_replicas(results):
+    return sorted(results["mirrored"].items(), key=lambda kv: int(kv[0]))
+
+
 def memory_rows(results, config="default"):
     """Per-N state bytes per replica (worst replica) for ShardedAdam and Adam,
     and the ratio's target: 1/N plus the padding ShardedAdam may add (at most
@@ -46,7 +50,7 @@ def memory_rows(results, config="default"):
 
 def collective_rows(results):
     rows = []
-    sources = [(f"MirroredStrategy N={n}", run.get("collectives")) for n, run in sorted(results["mirrored"].items())]
+    sources = [(f"MirroredStrategy N={n}", run.get("collectives")) for n, run in _by_replicas(results)]
     hvd = results.get("horovod", {})
     if hvd.get("collectives"):
         sources.append((f"horovodrun -np {hvd['replicas']}", hvd["collectives"]))
@@ -88,7 +92,7 @@ def bytes_rows(results):
 
 def timing_rows(results):
     rows = []
-    sources = [(f"MirroredStrategy N={n}", run.get("timing"), "keras Adam") for n, run in sorted(results["mirrored"].items())]
+    sources = [(f"MirroredStrategy N={n}", run.get("timing"), "keras Adam") for n, run in _by_replicas(results)]
     hvd = results.get("horovod", {})
     if hvd.get("timing"):
         sources.append((f"horovodrun -np {hvd['replicas']}", hvd["timing"], "allreduce + Adam"))
@@ -136,6 +140,12 @@ def markdown(results) -> str:
         for r in mem:
             lines.append(f"| {r['replicas']} | {_mb(r['adam_bytes'])} | {_mb(r['sharded_bytes'])} | "
                          f"{r['ratio']:.4f} | {r['ideal']:.4f} | {r['target']:.4f} |")
+        hvd_mem = results.get("horovod", {}).get("memory", {}).get("default")
+        if hvd_mem:
+            lines += ["", f"Under `horovodrun -np {results['horovod']['replicas']}` (Horovod backend, one replica per "
+                      f"process): ShardedAdam {_mb(hvd_mem['sharded_bytes_per_replica'])} vs Adam "
+                      f"{_mb(hvd_mem['adam_bytes_per_replica'])} per rank, ratio "
+                      f"{hvd_mem['sharded_bytes_per_replica'] / hvd_mem['adam_bytes_per_replica']:.4f}."]
         full = memory_rows(results, "amsgrad_ema_accumulation")
         if full:
             lines += ["", "With `amsgrad=True, use_ema=True, gradient_accumulation_steps=2` (m, v, v_hat, EMA and "

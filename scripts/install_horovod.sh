@@ -20,7 +20,8 @@ MPI4PY_SPEC="mpi4py>=4.0"
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${VENV:-$REPO/.venv}
-VENV=$(cd "$VENV" 2>/dev/null && pwd) || { echo "[horovod] ERROR: venv '$VENV' does not exist (run ./dev setup)" >&2; exit 1; }
+[ -d "$VENV" ] || { echo "[horovod] ERROR: venv '$VENV' does not exist (create it with ./dev setup)" >&2; exit 1; }
+VENV=$(cd "$VENV" && pwd)
 PY="$VENV/bin/python"
 PATCH="$REPO/patches/horovod-${HOROVOD_VERSION}-tf2.21.patch"
 CACHE_ROOT=${DISTADAM_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/distadam/wheels}

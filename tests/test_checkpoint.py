@@ -1,6 +1,5 @@
 """Sharded checkpoints: resume exactly, reshard N -> M, integrity, Keras paths."""
 
-import json
 import shutil
 
 import keras

@@ -6,7 +6,6 @@ gradient of the global batch (densified: see DenseGradientAdam)."""
 
 import json
 
-import numpy as np
 import pytest
 
 from conftest import finish, kill_group, start_worker

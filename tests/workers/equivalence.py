@@ -15,7 +15,6 @@ num_replicas = int(sys.argv[1])
 cases = json.loads(sys.argv[2])
 common.use_logical_cpus(num_replicas)
 
-import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import distadam  # noqa: E402
