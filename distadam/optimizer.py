@@ -33,6 +33,7 @@ from distadam import adam_math
 from distadam.comm import resolve_backend
 from distadam.partition import Layout, plan_layout
 
+
 def _require_real(name, value, *, low=None, high=None, high_open=False, allow_none=False):
     if value is None and allow_none:
         return
@@ -45,6 +46,7 @@ def _require_real(name, value, *, low=None, high=None, high_open=False, allow_no
     if high is not None and (value >= high if high_open else value > high):
         bound = f"< {high}" if high_open else f"<= {high}"
         raise ValueError(f"`{name}` must be {bound}, got {name}={value!r}")
+
 
 @keras.saving.register_keras_serializable(package="distadam")
 class ShardedAdam(keras.optimizers.Optimizer):
@@ -695,6 +697,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
         )
         return config
 
+
 class ShardStateVariable(keras.Variable):
     """A Keras variable holding one worker's shard of a bucket's state.
 
@@ -726,6 +729,7 @@ class ShardStateVariable(keras.Variable):
         return tf.group([
             component.assign(restored_tensors[key]) for component, key, _ in self._local_slices()
         ])
+
 
 def _gather_shards(collectives, variables) -> list:
     """All-gather each per-worker variable; numpy arrays of the full buckets."""
