@@ -42,6 +42,11 @@ def parse_args(argv=None):
                         help="'horovod' for horovodrun/mpirun with Horovod (one replica per process)")
     parser.add_argument("--collective-timeout", type=float, default=120.0,
                         help="seconds a collective may wait for peers before the step fails")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="resume from the newest usable sharded checkpoint here and save one every "
+                             "--checkpoint-every steps (a directory shared by all workers)")
+    parser.add_argument("--checkpoint-every", type=int, default=None,
+                        help="steps between checkpoints (default: once per epoch)")
     parser.add_argument("--out", default=None,
                         help="save final weights and metrics to this .npz; '{rank}' in the path is "
                              "replaced by the worker's rank (otherwise only rank 0 writes)")
@@ -198,6 +203,7 @@ def main(argv=None):
             optimizer = distadam.ShardedAdam(learning_rate=args.learning_rate)
         else:
             optimizer = keras.optimizers.Adam(learning_rate=args.learning_rate)
+        optimizer.build(model.trainable_variables)
     loss_object = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
     train_step = runtime.train_step_fn(model, optimizer, loss_object, args.batch_size, per_replica)
 
@@ -205,18 +211,33 @@ def main(argv=None):
     total_steps = args.epochs * steps_per_epoch
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
-    step = 0
+    manager = None
+    if args.checkpoint_dir:
+        if args.optimizer != "sharded":
+            raise SystemExit("--checkpoint-dir needs the sharded optimizer")
+        from distadam.checkpoint import ShardedCheckpointManager
+
+        manager = ShardedCheckpointManager(args.checkpoint_dir, model, optimizer)
+        restored = manager.restore()
+        log(f"resumed from {restored} at step {int(optimizer.iterations.numpy())}" if restored
+            else f"no checkpoint in {args.checkpoint_dir}: starting from scratch")
+    checkpoint_every = args.checkpoint_every or steps_per_epoch
+    # The data order depends only on (seed, epoch), so a resumed run continues
+    # exactly where the checkpoint left off.
+    step = int(optimizer.iterations.numpy())
     started = time.perf_counter()
-    for epoch in range(args.epochs):
+    for epoch in range(step // steps_per_epoch, args.epochs):
         if step >= total_steps:
             break
         order = np.random.default_rng([args.seed, epoch]).permutation(len(x_train))
         losses = []
-        for b in range(steps_per_epoch):
+        for b in range(step - epoch * steps_per_epoch, steps_per_epoch):
             if step >= total_steps:
                 break
             losses.append(train_step(x_train, y_train, order[b * args.batch_size:(b + 1) * args.batch_size]))
             step += 1
+            if manager is not None and step % checkpoint_every == 0:
+                manager.save()
         accuracy = evaluate(model, x_test, y_test)
         log(f"epoch {epoch + 1}/{args.epochs}: loss {np.mean(losses):.4f}, test accuracy {accuracy:.4f} "
             f"({time.perf_counter() - started:.1f}s)")
