@@ -192,6 +192,37 @@ def markdown(results) -> str:
     return "\n".join(lines)
 
 
+def profile_markdown(profile) -> str:
+    """Table of profile_step.py's variants: time ratios, launches and bytes."""
+    n = profile["replicas"]
+    lines = [f"**Hot-path prototypes, N={n}, {profile['model']}** (`benchmarks/profile_step.py`; ratios are "
+             "median [q25, q75] over interleaved repetitions; prototypes verified against ShardedAdam's weights)", "",
+             "| variant | step ms | / keras Adam | / ShardedAdam | launches/step | bytes / bound |",
+             "|---|---|---|---|---|---|"]
+    for name, times in profile["times"].items():
+        to_adam, to_sharded = profile["ratio_to_keras_adam"][name], profile["ratio_to_sharded"][name]
+        comm = profile.get("collectives", {}).get(name)
+        launches = comm["total_launches_per_step"] if comm else "-"
+        nbytes = f"{comm['ratio_to_bound']:.3f}" if comm else "-"
+        lines.append(f"| {name} | {1e3 * times['median_s']:.1f} | {to_adam['median']:.3f} "
+                     f"[{to_adam['q25']:.3f}, {to_adam['q75']:.3f}] | {to_sharded['median']:.3f} "
+                     f"[{to_sharded['q25']:.3f}, {to_sharded['q75']:.3f}] | {launches} | {nbytes} |")
+    busy = []
+    for name, prof in profile.get("profile", {}).items():
+        if "by_op_type" in prof:
+            top = ", ".join(f"{r['op']} {100 * r['share_of_busy']:.0f}%" for r in prof["by_op_type"][:4])
+            busy.append(f"{name}: {prof['busy_ms_per_step']:.0f} ms busy op time per step over all replica "
+                        f"threads ({top})")
+    if busy:
+        lines += ["", "tf.profiler op self time: " + "; ".join(busy) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def load_profiles(results_dir) -> list:
+    return [json.loads(p.read_text()) for p in sorted(Path(results_dir).glob("profile_n*.json"),
+                                                       key=lambda p: -int(p.stem.split("_n")[-1]))]
+
+
 # --------------------------------------------------------------------- plots
 def plots(results, out_dir) -> list:
     import matplotlib
@@ -256,6 +287,8 @@ def main(argv=None):
         for plot in plots(results, path.parent):
             print(f"wrote {plot}", file=sys.stderr)
     table = markdown(results)
+    for profile in load_profiles(path.parent):
+        table += "\n" + profile_markdown(profile)
     if args.update_readme:
         update_readme(table)
     print(table)
