@@ -1,5 +1,5 @@
 """Where the step time goes at N=4 (or --replicas) on the update-bound model,
-and what three hot-path changes would buy. Prototypes live here (subclasses), not in distadam.
+and what two hot-path changes would buy. Prototypes live here (subclasses), not in distadam.
 
     python benchmarks/profile_step.py [--replicas 4] [--repetitions 9] [--out results/profile_n4.json]
 
@@ -9,22 +9,18 @@ Measured side by side in one process, interleaved like run_all.py:
   communication): the floor every variant shares;
 * ``keras_adam``: Keras' Adam (packed all-reduce + N full Adam updates);
 * ``sharded``: ShardedAdam as shipped;
-* ``sharded+static_slice``: the parameter shard sliced out of the variables
-  it overlaps (the replica id is a trace-time constant under
-  MirroredStrategy) instead of concatenating the whole bucket and gathering a
-  row: saves one full-bucket copy per replica per step;
 * ``sharded+direct_gather``: the all-gather of equal shards issued as one
   CollectiveGatherV2 through the strategy's launcher, instead of
   ``ReplicaContext.all_gather``, which first all-gathers the shapes, pads, and
   re-concatenates (one collective and two bucket copies saved);
 * ``sharded+all_to_all``: reduce-scatter as CollectiveAllToAllV2 + a local
   sum (Ψ(N−1)/N bytes per worker) instead of all-reduce + slice (2Ψ(N−1)/N);
-* ``sharded+all``: the three together;
+* ``sharded+all``: both together;
 * ``sharded+no_skip``: ``ShardedAdam(skip_nonfinite=False)``, the price of the
   global non-finite check (an is_finite pass, and tf.where over the shard's
   parameters and every state kind).
 
-A tf.profiler trace of ``sharded`` and ``keras_adam`` is summarised by op type
+A tf.profiler trace of ``keras_adam``, ``sharded`` and ``sharded+all`` is summarised by op type
 (self time over all replicas' threads) to show where the time goes.
 """
 
@@ -68,26 +64,6 @@ SPEC = harness.MODELS[ARGS.model]
 
 
 # ------------------------------------------------------------- prototypes
-class StaticSliceShardedAdam(distadam.ShardedAdam):
-    """Builds the worker's parameter shard from slices of only the variables
-    that overlap it, when the worker index is known at trace time."""
-
-    def _own_param_shard(self, bucket, worker):
-        index = tf.get_static_value(worker)
-        if index is None:
-            return super()._own_param_shard(bucket, worker)
-        index = int(index)
-        lo, hi = index * bucket.shard_size, (index + 1) * bucket.shard_size
-        pieces = []
-        for seg, start, stop in bucket.owned_pieces(index):
-            flat = tf.reshape(self._trainable_variables[seg.variable_index].value, [-1])
-            pieces.append(tf.cast(flat[start:stop], bucket.dtype))
-        real = sum(stop - start for _, start, stop in bucket.owned_pieces(index))
-        if real < hi - lo:
-            pieces.append(tf.zeros([hi - lo - real], dtype=bucket.dtype))
-        return tf.concat(pieces, axis=0) if len(pieces) > 1 else pieces[0]
-
-
 def _launchers(strategy, value):
     cross_ops = strategy.extended._get_cross_device_ops(value)  # CollectiveAllReduce
     return cross_ops, cross_ops._launchers
@@ -154,9 +130,8 @@ def make_variant(name):
         else:
             parts = set(name.split("+")[1:]) if "+" in name else set()
             if "all" in parts:
-                parts = {"static_slice", "direct_gather", "all_to_all"}
-            cls = StaticSliceShardedAdam if "static_slice" in parts else distadam.ShardedAdam
-            optimizer = cls(skip_nonfinite="no_skip" not in parts)
+                parts = {"direct_gather", "all_to_all"}
+            optimizer = distadam.ShardedAdam(skip_nonfinite="no_skip" not in parts)
         if optimizer is not None:
             optimizer.build(model.trainable_variables)
             if isinstance(optimizer, distadam.ShardedAdam) and {"direct_gather", "all_to_all"} & parts:
@@ -184,8 +159,8 @@ def make_variant(name):
     return model, optimizer, step
 
 
-VARIANTS = ["forward_backward", "keras_adam", "sharded", "sharded+static_slice", "sharded+direct_gather",
-            "sharded+all_to_all", "sharded+all", "sharded+no_skip"]
+VARIANTS = ["forward_backward", "keras_adam", "sharded", "sharded+direct_gather", "sharded+all_to_all",
+            "sharded+all", "sharded+no_skip"]
 
 
 def distributed_batch():
