@@ -11,7 +11,9 @@ tensor ops (``broadcast``/``allreduce``), which do work:
   variables everywhere: one broadcast per dtype, not one per variable;
 * :class:`BroadcastInitialStateCallback` - do that for the model and the
   optimizer's replicated state when ``model.fit`` starts;
-* :class:`MetricAverageCallback` - average epoch metrics over ranks.
+* :class:`MetricAverageCallback` - average epoch metrics over ranks;
+* :class:`ModelCheckpoint` - Keras' checkpointing, run on every rank (saving
+  gathers ShardedAdam's shards, a collective), keeping rank 0's file.
 
 Typical script, launched with ``horovodrun -np 4 python train.py``::
 
@@ -31,6 +33,10 @@ run; its sharded ``m``/``v`` are per-rank by design and are never broadcast.
 """
 
 from __future__ import annotations
+
+import os
+import shutil
+import tempfile
 
 import keras
 import numpy as np
@@ -162,6 +168,35 @@ class MetricAverageCallback(keras.callbacks.Callback):
             logs[key] = float(value)
 
 
+class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """``keras.callbacks.ModelCheckpoint`` that is safe under Horovod.
+
+    Saving a model trained with ShardedAdam gathers the sharded optimizer state
+    (``save_weights`` includes the optimizer): a collective, so every rank has
+    to save at the same moment. The usual Horovod recipe, a ModelCheckpoint on
+    rank 0 only, therefore hangs at the first save. This callback runs on every
+    rank and keeps only ``root_rank``'s file; the other ranks write to a
+    scratch directory that is removed when training ends.
+
+    Place it after :class:`MetricAverageCallback` (``callbacks()`` followed by
+    this one): with ``save_best_only`` every rank must reach the same
+    decision, which it does on the averaged metric, not on its local one.
+    """
+
+    def __init__(self, filepath, *args, root_rank: int = 0, **kwargs):
+        hvd = _hvd()
+        self._scratch = None
+        if hvd.rank() != root_rank:
+            self._scratch = tempfile.mkdtemp(prefix=f"distadam-checkpoint-rank{hvd.rank()}-")
+            filepath = os.path.join(self._scratch, os.path.basename(os.fspath(filepath)))
+        super().__init__(filepath, *args, **kwargs)
+
+    def on_train_end(self, logs=None):
+        super().on_train_end(logs)
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+
+
 def _is_number(value) -> bool:
     if isinstance(value, bool):
         return False
@@ -171,5 +206,6 @@ def _is_number(value) -> bool:
 
 
 def callbacks(root_rank: int = 0) -> list:
-    """The callbacks a ``model.fit`` under Horovod needs, in the right order."""
+    """The callbacks a ``model.fit`` under Horovod needs, in the right order.
+    Append anything that reads the logs (e.g. :class:`ModelCheckpoint`)."""
     return [BroadcastInitialStateCallback(root_rank), MetricAverageCallback()]

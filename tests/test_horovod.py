@@ -8,6 +8,7 @@ horovodrun job (TensorFlow import and Horovod start-up dominate).
 """
 
 import json
+import sys
 
 import pytest
 
@@ -124,3 +125,29 @@ def test_dead_rank_fails_the_horovodrun_job_quickly():
     assert "Process 1 exit with status code 17" in out, out[-4000:]
     assert "finished all steps" not in out
     assert seconds < 90, f"took {seconds:.0f}s to fail"
+
+
+@pytest.mark.timeout(200)
+def test_launcher_and_fit_example_with_checkpoint(tmp_path):
+    """launch/horovodrun_local.sh + examples/train_digits_horovod.py: model.fit
+    with the broadcast, metric-averaging and checkpoint callbacks. Saving
+    gathers the optimizer shards (a collective), so a rank-0-only
+    ModelCheckpoint would hang here; horovod_keras.ModelCheckpoint saves on
+    every rank and keeps rank 0's file only."""
+    from conftest import ROOT
+
+    checkpoint = tmp_path / "best.weights.h5"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    out, code, _ = run_job(
+        ["bash", ROOT / "launch" / "horovodrun_local.sh", ROOT / "examples" / "train_digits_horovod.py",
+         "--epochs", 3, "--checkpoint", checkpoint],
+        timeout=170, DISTADAM_PYTHON=sys.executable, TMPDIR=scratch,
+    )
+    assert code == 0, out[-6000:]
+    (row,) = result_lines(out)
+    assert row["ranks"] == 2
+    assert row["val_accuracy"] > 0.85, row
+    assert row["state_bytes_per_rank"] <= row["keras_adam_state_bytes"] / 2 + 2 * 4
+    assert checkpoint.stat().st_size > 0
+    assert not list(scratch.glob("distadam-checkpoint-*")), "non-root checkpoint scratch left behind"
