@@ -43,8 +43,12 @@ Communication (bytes each worker sends per optimizer update, ring algorithms):
   all-reduce followed by a slice (TensorFlow's CPU collectives, which have no
   reduce-scatter kernel, and the Horovod backend's default): 3Ψ(N−1)/N;
 * with gradient accumulation over A micro-steps ShardedAdam reduce-scatters
-  every micro-step (its accumulator is sharded) and all-gathers once, while
-  Keras' Adam all-reduces once per update from full local accumulators.
+  every micro-step (its accumulator is sharded) and all-gathers once per
+  update. The data-parallel row assumes full local accumulators and one
+  all-reduce per update (Horovod's ``backward_passes_per_step``); Keras 3's
+  own Adam cannot accumulate under MirroredStrategy at all (its accumulation
+  ``cond`` contains the gradient all-reduce, a ``merge_call`` TensorFlow
+  rejects inside control flow).
 
 ShardedAdam also issues one small all-reduce per step (a handful of scalars:
 non-finite check, layout fingerprint); it is left out of the byte counts.

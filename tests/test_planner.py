@@ -129,3 +129,19 @@ def test_cli_errors_name_the_problem(argv, message, capsys):
         cli(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_native_reduce_scatter_row_matches_the_all_to_all_prototype():
+    """The planner's ZeRO-1 row (native reduce-scatter + all-gather) against
+    the bytes traced from profile_step.py's all-to-all reduce-scatter."""
+    profiles = sorted(RESULTS.parent.glob("profile_n*.json"))
+    if not profiles:
+        pytest.fail(f"no profile_n*.json next to {RESULTS}: run `python benchmarks/profile_step.py`")
+    for path in profiles:
+        profile = json.loads(path.read_text())
+        measured = profile["collectives"]["sharded+all"]["bytes_sent_per_worker"]
+        params = profile["params"]
+        p = planner.plan(planner.variables_from_count(params, "float32"), profile["replicas"])
+        assert measured == pytest.approx(p.comm["zero1_reduce_scatter_all_gather"], rel=1e-5), path.name
+        assert profile["collectives"]["sharded"]["bytes_sent_per_worker"] == pytest.approx(
+            p.comm["sharded_allreduce_slice"], rel=1e-5), path.name
