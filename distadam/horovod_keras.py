@@ -102,9 +102,9 @@ def replicated_optimizer_variables(optimizer) -> list:
     """Optimizer variables that must be equal on every rank (iterations,
     learning rate, Adam's slots for an unsharded optimizer), excluding
     ShardedAdam's per-rank shards, which differ by design."""
-    sharded = getattr(optimizer, "_shard_state", None) or {}
-    sharded_ids = {id(v) for variables in sharded.values() for v in variables}
-    return [v for v in optimizer.variables if id(v) not in sharded_ids]
+    from distadam.optimizer import ShardStateVariable
+
+    return [v for v in optimizer.variables if not isinstance(v, ShardStateVariable)]
 
 
 def broadcast_model_and_optimizer(model, optimizer=None, root_rank: int = 0) -> None:
@@ -124,9 +124,11 @@ class BroadcastInitialStateCallback(keras.callbacks.Callback):
     would build the optimizer lazily inside the first traced step; the callback
     builds it first (as Keras' own symbolic build does under a strategy) so the
     model's variables, ``iterations`` and the learning-rate state all go out in
-    the same broadcast. This also covers resuming from weights or a checkpoint
-    that only rank 0 loaded. No per-batch hook: it would turn off Keras'
-    asynchronous callback dispatch for the whole fit.
+    the same broadcast. Model weights and the step counter that only rank 0
+    loaded are thereby covered; ShardedAdam's ``m``/``v`` are not broadcast
+    (each rank owns a different shard), so load an optimizer checkpoint on
+    every rank, each keeps its own shard. No per-batch hook: it would turn off
+    Keras' asynchronous callback dispatch for the whole fit.
     """
 
     def __init__(self, root_rank: int = 0):

@@ -58,8 +58,8 @@ def rendezvous_tf_config(host: str | None = None, *, finalize_mpi: bool | None =
             ``DISTADAM_WORKER_HOST`` or the machine's hostname (127.0.0.1 when
             every rank is on this machine).
         finalize_mpi: call ``MPI_Finalize`` once the addresses are exchanged.
-            Default: only if this call initialised MPI (mpi4py not imported
-            before). TensorFlow does all later communication; an MPI left
+            Default: only if this call initialised MPI (neither mpi4py nor
+            Horovod imported before). TensorFlow does all later communication; an MPI left
             initialised makes a crashed rank hang in ``MPI_Finalize`` at
             interpreter exit (waiting for peers stuck in a TF collective), so
             mpirun never sees the failure. Pass ``False`` to keep using mpi4py.
@@ -71,7 +71,11 @@ def rendezvous_tf_config(host: str | None = None, *, finalize_mpi: bool | None =
     """
     import sys
 
-    initialised_here = "mpi4py.MPI" not in sys.modules
+    # Horovod initialises MPI itself without mpi4py; finalising under it
+    # would pull MPI from beneath Horovod.
+    initialised_here = "mpi4py.MPI" not in sys.modules and not any(
+        name == "horovod" or name.startswith("horovod.") for name in sys.modules
+    )
     MPI = _mpi()
     if finalize_mpi is None:
         finalize_mpi = initialised_here

@@ -68,7 +68,10 @@ def check_equivalence(row, workers):
         assert nbytes <= row["reference_state_bytes"] / workers + allowance, row
     if "clipnorm" in row["case"]:
         assert row["clipping_triggered"] is True, "clip threshold too loose: the case tests nothing"
-    if row["case"].endswith("_fit"):
+    if row["mode"] == "custom":
+        assert row["shard_variables"] == row["state_kinds"] * row["buckets"]
+        assert row["shards_kept_by_broadcast"], "broadcast overwrote a rank's own optimizer shards"
+    if row["mode"] == "fit":
         # MetricAverageCallback: history holds the mean of the ranks' own losses.
         assert row["raw_losses_differ"], "ranks saw identical losses: averaging untested"
         assert row["averaged_loss"] == pytest.approx(row["mean_of_raw_losses"], rel=1e-6)

@@ -59,7 +59,16 @@ def train_custom(model, optimizer, x, y, steps):
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(local_batch, drop_remainder=True)
     for inputs, targets in dataset.take(steps):
         step(inputs, targets)
-    return {}
+
+    # A broadcast mid-training (e.g. after rank 0 restores a checkpoint) must
+    # leave each rank's own shards of m and v alone: they differ by design.
+    shards = [np.array(v) for v in optimizer.variables if "_shard" in v.name]
+    horovod_keras.broadcast_model_and_optimizer(model, optimizer)
+    after = [np.array(v) for v in optimizer.variables if "_shard" in v.name]
+    kept = all(np.array_equal(a, b) for a, b in zip(shards, after))
+    # Only the non-root ranks can lose anything: ask every rank.
+    kept_everywhere = hvd.allgather(tf.constant([int(kept)]), name="shards_kept").numpy()
+    return {"shard_variables": len(shards), "shards_kept_by_broadcast": bool(kept_everywhere.all())}
 
 
 class RecordLogs(keras.callbacks.Callback):
@@ -141,6 +150,7 @@ for index, case in enumerate(cases):
     ref_weights, ref_state_bytes = reference(case, data, steps)
     result = {
         "case": case["name"],
+        "mode": "fit" if fit else "custom",
         "workers": size,
         "backend": type(optimizer._collectives).__name__,
         "reduce_scatter": getattr(optimizer._collectives, "reduce_scatter_mode", None),
