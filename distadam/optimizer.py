@@ -274,6 +274,8 @@ class ShardedAdam(keras.optimizers.Optimizer):
                 shard + self._shard_state["accumulator"][b].value
                 for b, shard in enumerate(grad_shards)
             ]
+            # Keras clips the accumulated mean, so statistics are taken on it.
+            grad_shards = [total / steps for total in accumulated_totals]
 
         statistics = self._reduce_statistics(grad_shards, segment_ids, comm)
         # Every worker sees the same reduced statistics, so all take the same
@@ -289,11 +291,8 @@ class ShardedAdam(keras.optimizers.Optimizer):
         if accumulated_totals is not None:
             for b, total in enumerate(accumulated_totals):
                 accumulator = self._shard_state["accumulator"][b]
-                new_value = tf.where(is_update_step, tf.zeros_like(total), total)
-                if step_ok is not None:
-                    new_value = tf.where(step_ok, new_value, accumulator.value)
-                accumulator.assign(new_value)
-            grad_shards = [total / self.gradient_accumulation_steps for total in accumulated_totals]
+                new_value = tf.cond(is_update_step, lambda: tf.zeros_like(total), lambda: total)
+                _commit_if(step_ok, [(accumulator, new_value)], new_value, new_value)
 
         grad_shards = self._clip(grad_shards, segment_ids, statistics)
 
@@ -419,17 +418,13 @@ class ShardedAdam(keras.optimizers.Optimizer):
         # Variables without a gradient this step keep everything unchanged,
         # like Keras, which filters them out before the update.
         keep = self._segment_mask(bucket, segment_ids, lambda seg: seg.variable_index in grads_by_index)
-        if apply_update is not None:
-            keep = apply_update if keep is None else tf.logical_and(keep, apply_update)
-
-        def select(new, old):
-            return new if keep is None else tf.where(keep, new, old)
-
-        new_param = select(new_param, param_old)
-        state["momentum"].assign(select(m, state["momentum"].value))
-        state["velocity"].assign(select(v, state["velocity"].value))
+        updates = [(state["momentum"], m), (state["velocity"], v)]
         if self.amsgrad:
-            state["velocity_hat"].assign(select(v_hat, state["velocity_hat"].value))
+            updates.append((state["velocity_hat"], v_hat))
+        if keep is not None:
+            updates = [(var, tf.where(keep, new, var.value)) for var, new in updates]
+            new_param = tf.where(keep, new_param, param_old)
+        new_param = _commit_if(apply_update, updates, new_param, param_old)
 
         if not self.use_ema:
             return new_param
@@ -437,12 +432,12 @@ class ShardedAdam(keras.optimizers.Optimizer):
             state["average"].value, new_param,
             momentum=self.ema_momentum, not_first_step=tf.not_equal(iterations, 0),
         )
-        if step_ok is not None:
-            average = tf.where(step_ok, average, state["average"].value)
-        state["average"].assign(average)
+        _commit_if(step_ok, [(state["average"], average)], average, average)
         if self.ema_overwrite_frequency:
             overwrite = (iterations + 1) % self.ema_overwrite_frequency == 0
-            return tf.where(overwrite, average, new_param)
+            if step_ok is not None:  # a skipped step writes nothing, not even the EMA
+                overwrite = tf.logical_and(overwrite, step_ok)
+            return tf.cond(overwrite, lambda: average, lambda: new_param)
         return new_param
 
     def _clip(self, grad_shards, segment_ids, statistics):
@@ -696,6 +691,24 @@ class ShardedAdam(keras.optimizers.Optimizer):
             }
         )
         return config
+
+
+def _commit_if(condition, updates, new_result, old_result):
+    """Assign ``updates`` [(variable, value)] and return ``new_result`` if the
+    scalar ``condition`` holds (always when it is None), else leave the
+    variables alone and return ``old_result``. A cond on a scalar instead of
+    full-size selects: a skipped or accumulating step costs no extra pass over
+    the shard."""
+    if condition is None:
+        for variable, value in updates:
+            variable.assign(value)
+        return new_result
+
+    def commit():
+        with tf.control_dependencies([variable.assign(value) for variable, value in updates]):
+            return tf.identity(new_result)
+
+    return tf.cond(condition, commit, lambda: tf.identity(old_result))
 
 
 class ShardStateVariable(keras.Variable):

@@ -28,6 +28,9 @@ CASES = [
     {"name": "use_ema_overwrite", "kwargs": {"use_ema": True, "ema_momentum": 0.9, "ema_overwrite_frequency": 7}},
     {"name": "use_ema_finalize_model_fit", "mode": "fit", "kwargs": {"use_ema": True}},
     {"name": "gradient_accumulation", "kwargs": {"gradient_accumulation_steps": 3}},
+    # Keras clips the accumulated mean, not each micro-batch's gradient.
+    {"name": "gradient_accumulation_global_clipnorm_model_fit", "mode": "fit",
+     "kwargs": {"gradient_accumulation_steps": 2, "global_clipnorm": 0.05}},
     {"name": "loss_scale_amsgrad_global_clip_model_fit", "mode": "fit",
      "kwargs": {"loss_scale_factor": 128.0, "amsgrad": True, "global_clipnorm": 0.05,
                 "weight_decay": 0.01, "learning_rate": 0.003}},

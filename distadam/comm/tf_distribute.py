@@ -5,18 +5,63 @@ Collectives are issued from replica context through the strategy's own
 ``ReplicaContext`` so group/instance keys stay consistent with every other
 collective the strategy launches.
 
-CPU has no reduce-scatter kernel in TF (only NCCL registers one), so the
-portable reduce-scatter is an all-reduce followed by taking this replica's
-slice. On GPU, NCCL's all-reduce is itself reduce-scatter + all-gather, so the
-extra bytes are the all-gather half.
+Two implementations of the bucket collectives:
+
+* **Direct** (Mirrored/MultiWorkerMirrored strategies whose cross-device ops
+  are ``CollectiveAllReduce``, the CPU default): reduce-scatter is an
+  all-to-all followed by a local sum — TF registers no CPU reduce-scatter
+  kernel, and all-to-all moves exactly the (N-1)/N of the bucket a real
+  reduce-scatter moves — and the all-gather skips TF's shape exchange since
+  shards are equal by construction. Both go through the strategy's own
+  per-device launchers, so group keys, instance keys, ordering tokens and the
+  communication timeout are the strategy's. Measured on 4 CPU replicas: 1.0x
+  the ring all-reduce bytes (1.5x portable) and 3 launches per bucket (4).
+  These are private TF internals; any surprise falls back to the portable path,
+  and ``DISTADAM_DIRECT_COLLECTIVES=0`` forces it.
+* **Portable** (everything else, e.g. NCCL on GPU, TPU): all-reduce + this
+  replica's slice, and ``ReplicaContext.all_gather``. On GPU NCCL's all-reduce
+  is itself reduce-scatter + all-gather, so the extra bytes are the gather half.
 """
 
 from __future__ import annotations
+
+import os
+import types
 
 import numpy as np
 import tensorflow as tf
 
 from distadam.comm.base import Collectives, slice_own_shard
+
+# Collective group members are ranked by device name; up to 10 members the
+# lexicographic and the replica order agree ("CPU:10" < "CPU:2" beyond that),
+# which the all-to-all's row order and the gather's output order rely on.
+_MAX_DIRECT_GROUP = 10
+
+
+def _direct_launchers(strategy):
+    """The strategy's per-device collective launchers if the direct path can
+    use them, else None. Decided once, in cross-replica context."""
+    try:
+        from tensorflow.python.distribute import cross_device_ops as cross_device_ops_lib
+
+        extended = strategy.extended
+        if not extended._use_merge_call():  # XLA replica functions: no merge_call
+            return None
+        # Only an int32 value changes the choice; buckets are floating point.
+        cross_ops = extended._get_cross_device_ops(types.SimpleNamespace(dtype=tf.float32))
+        if not isinstance(cross_ops, cross_device_ops_lib.CollectiveAllReduce):
+            return None
+        launchers = list(cross_ops._launchers)
+        lock = cross_ops._lock
+        group_size = launchers[0]._group_size
+    except (AttributeError, ImportError, IndexError, TypeError):
+        return None
+    if group_size != strategy.num_replicas_in_sync or group_size > _MAX_DIRECT_GROUP:
+        return None
+    if len(launchers) != len(extended.worker_devices):
+        return None
+    return launchers, lock
 
 
 class DistributeCollectives(Collectives):
@@ -27,7 +72,13 @@ class DistributeCollectives(Collectives):
         self._strategy = strategy or tf.distribute.get_strategy()
         self._local_indices = None  # fixed for the strategy's lifetime
         self._eager_all_reduce = None
+        self._direct = None
+        if self.num_workers > 1 and os.environ.get("DISTADAM_DIRECT_COLLECTIVES", "1") != "0":
+            self._direct = _direct_launchers(self._strategy)
 
+    @property
+    def uses_direct_collectives(self) -> bool:
+        return self._direct is not None
     @property
     def strategy(self):
         return self._strategy
@@ -54,8 +105,47 @@ class DistributeCollectives(Collectives):
     def _reduce_scatter_sum(self, flat):
         if self.num_workers == 1:
             return flat
+        if self._direct is not None:
+            return self._direct_call(self._all_to_all_sum, flat)
         summed = self._context().all_reduce(tf.distribute.ReduceOp.SUM, flat)
         return slice_own_shard(summed, self.num_workers, self.worker_index())
+
+    def _direct_call(self, per_device_fn, value):
+        """Run ``per_device_fn(launcher, local_value)`` for every local replica
+        in one merge_call; each replica gets its own result back."""
+        launchers, lock = self._direct
+        from tensorflow.python.distribute import values as values_lib
+
+        def merge_fn(strategy, per_replica):
+            local = strategy.experimental_local_results(per_replica)
+            with lock:  # the launchers' instance keys must advance in one order
+                results = [per_device_fn(launcher, v) for launcher, v in zip(launchers, local)]
+            return values_lib.PerReplica(results)
+
+        return self._context().merge_call(merge_fn, args=(value,))
+
+    def _all_to_all_sum(self, launcher, flat):
+        from tensorflow.python.distribute import collective_util
+        from tensorflow.python.ops import collective_ops
+
+        options = launcher._options.merge(collective_util.Options())
+        with tf.device(launcher._device):
+            rows = tf.reshape(flat, [self.num_workers, -1])
+            received = collective_ops.all_to_all_v2(
+                rows,
+                launcher._group_size,
+                launcher._group_key,
+                launcher._next_instance_key(),
+                ordering_token=launcher._get_ordering_token(),
+                timeout=options.timeout_seconds,
+            )
+            # Row j came from replica j: its part of this replica's shard.
+            return tf.reduce_sum(received, axis=0)
+
+    def _equal_shard_gather(self, launcher, shard):
+        from tensorflow.python.distribute import collective_util
+
+        return launcher._all_gather(shard, collective_util.Options())
 
     def _all_reduce_sum(self, values):
         if self.num_workers == 1:
@@ -65,6 +155,8 @@ class DistributeCollectives(Collectives):
     def _all_gather(self, shard):
         if self.num_workers == 1:
             return shard
+        if self._direct is not None:
+            return self._direct_call(self._equal_shard_gather, shard)
         return self._context().all_gather(shard, axis=0)
 
     def assign_replicated(self, variables, values):
