@@ -12,7 +12,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import typing
 import uuid
 from pathlib import Path
 
@@ -66,14 +68,23 @@ def _kill_tagged(tag):
             continue
 
 
-def run_job(command, timeout, **env):
-    """Run a launcher command; returns (output, returncode, seconds).
+class Job(typing.NamedTuple):
+    out: str  # stdout and stderr, interleaved
+    code: int
+    seconds: float
+    rows: list  # what the ranks emitted (workers/mpi_results.py), rank order
+
+
+def run_job(command, timeout, **env) -> Job:
+    """Run a launcher command under a hard timeout.
 
     Fails the test on timeout; always leaves no process of the job behind."""
     tag = uuid.uuid4().hex
+    results = Path(tempfile.mkdtemp(prefix="distadam-results-"))
     start = time.monotonic()
     proc = subprocess.Popen(
-        [str(c) for c in command], cwd=WORKERS, env=launcher_env(DISTADAM_TEST_JOB=tag, **env),
+        [str(c) for c in command], cwd=WORKERS,
+        env=launcher_env(DISTADAM_TEST_JOB=tag, RESULT_DIR=results, **env),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     try:
@@ -93,11 +104,15 @@ def run_job(command, timeout, **env):
         except ProcessLookupError:
             pass
         _kill_tagged(tag)
-    return out, proc.returncode, time.monotonic() - start
+    rows = [json.loads(line) for path in sorted(results.glob("rank*.jsonl"))
+            for line in path.read_text().splitlines()]
+    shutil.rmtree(results, ignore_errors=True)
+    return Job(out, proc.returncode, time.monotonic() - start, rows)
 
 
 def result_lines(out):
-    """RESULT json rows, wherever the launcher's line prefix put them."""
+    """RESULT json rows printed by a script that is not a test worker (the
+    examples); only safe for launchers that relay whole lines (Gloo)."""
     rows = []
     for line in out.splitlines():
         if "RESULT {" in line:
@@ -128,10 +143,10 @@ for _case in CASES:
 @requires_mpi
 @pytest.mark.timeout(300)
 def test_mpirun_rendezvous_multiworker_mirrored_matches_keras_adam():
-    out, code, _ = run_job(mpirun(2, "mpi_mwms.py", json.dumps(CASES)), timeout=240)
-    assert code == 0, f"mpirun failed:\n{out[-6000:]}"
-    rows = {row["case"]: row for row in result_lines(out)}
-    assert sorted(rows) == sorted(c["name"] for c in CASES), out[-4000:]
+    job = run_job(mpirun(2, "mpi_mwms.py", json.dumps(CASES)), timeout=240)
+    assert job.code == 0, f"mpirun failed:\n{job.out[-6000:]}"
+    rows = {row["case"]: row for row in job.rows}
+    assert sorted(rows) == sorted(c["name"] for c in CASES), job.out[-4000:]
     for name, row in rows.items():
         assert row["strategy"] == "CollectiveAllReduceStrategy", row
         assert row["backend"] == "DistributeCollectives", row
@@ -147,11 +162,11 @@ def test_mpirun_rendezvous_multiworker_mirrored_matches_keras_adam():
 
 @requires_mpi
 @pytest.mark.timeout(120)
-def test_rendezvous_addresses_ranks_and_finalizes_mpi(tmp_path):
-    out, code, _ = run_job(mpirun(3, "mpi_rendezvous_check.py"), timeout=90, RESULT_DIR=tmp_path)
-    assert code == 0, f"mpirun failed:\n{out[-6000:]}"
-    rows = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
-    assert [r["rank"] for r in rows] == [0, 1, 2], out[-3000:]
+def test_rendezvous_addresses_ranks_and_finalizes_mpi():
+    job = run_job(mpirun(3, "mpi_rendezvous_check.py"), timeout=90)
+    assert job.code == 0, f"mpirun failed:\n{job.out[-6000:]}"
+    rows = job.rows
+    assert [r["rank"] for r in rows] == [0, 1, 2], job.out[-3000:]
     clusters = {json.dumps(r["tf_config"]["cluster"]) for r in rows}
     assert len(clusters) == 1, f"ranks disagree on the cluster: {clusters}"
     workers = rows[0]["tf_config"]["cluster"]["worker"]
@@ -166,8 +181,9 @@ def test_rendezvous_addresses_ranks_and_finalizes_mpi(tmp_path):
 def test_crashed_rank_takes_the_mpirun_job_down():
     # Without finalising MPI after the rendezvous, the crashed rank hangs in
     # MPI_Finalize at exit and mpirun never returns (measured: > 120 s).
-    out, code, seconds = run_job(mpirun(2, "mpi_rank_dies.py", 1, 3), timeout=120)
-    assert code != 0, out[-4000:]
-    assert "simulated crash at step 3" in out
-    assert "mpirun detected that one or more processes exited with non-zero status" in out, out[-4000:]
-    assert seconds < 90, f"took {seconds:.0f}s to fail"
+    job = run_job(mpirun(2, "mpi_rank_dies.py", 1, 3), timeout=120)
+    assert job.code != 0, job.out[-4000:]
+    assert "simulated crash at step 3" in job.out
+    assert "mpirun detected that one or more processes exited with non-zero status" in job.out, \
+        job.out[-4000:]
+    assert job.seconds < 90, f"took {job.seconds:.0f}s to fail"

@@ -1,11 +1,12 @@
 """Run under horovodrun/mpirun: train with ShardedAdam (Horovod backend), every
 rank on its own slice of each global batch, and compare on rank 0 with Keras
-Adam on one process over the whole global batch. Prints one RESULT line per case.
+Adam on one process over the whole global batch. Emits one result per case
+(mpi_results).
 
 usage: horovodrun -np N python hvd_equivalence.py CASES_JSON
 
 Each case: name, steps, mode ("custom" | "fit"), kwargs, schedule,
-target_scale (see common.py), reduce_scatter ("allreduce" | "reducescatter").
+target_scale (see common.py), reduce_scatter ("auto" | "allreduce" | "reducescatter").
 Non-root ranks start from different weights, so the result is only right if
 the initial broadcast works.
 """
@@ -17,6 +18,7 @@ import sys
 import numpy as np
 
 import common  # noqa: F401  (sets TF logging before TF loads)
+from mpi_results import emit
 
 import horovod.tensorflow as hvd  # noqa: E402
 import keras  # noqa: E402
@@ -128,7 +130,7 @@ for index, case in enumerate(cases):
     y = local_slice(targets, rows)
 
     # The backend reads its reduce-scatter mode when the optimizer is built.
-    os.environ["DISTADAM_HOROVOD_REDUCE_SCATTER"] = case.get("reduce_scatter", "allreduce")
+    os.environ["DISTADAM_HOROVOD_REDUCE_SCATTER"] = case.get("reduce_scatter", "auto")
     # Different initial weights off rank 0: the broadcast must fix them.
     model = common.make_model(seed=7 if rank == 0 else 100 + rank)
     optimizer = common.configure(distadam.ShardedAdam(**common.build_kwargs(case)), case)
@@ -167,4 +169,4 @@ for index, case in enumerate(cases):
         **extra,
     }
     assert isinstance(optimizer._collectives, HorovodCollectives)
-    print("RESULT " + json.dumps(result), flush=True)
+    emit(result, rank)

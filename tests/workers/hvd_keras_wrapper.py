@@ -2,18 +2,18 @@
 rank-specific data: rank r fits a single weight w to the target 2 * (r + 1).
 
 Averaged gradients drive w to the mean target on every rank; a wrapper that
-does not average leaves each rank at its own target. Prints one RESULT line
-(rank 0) with every rank's final weight for each optimizer.
+does not average leaves each rank at its own target. Emits one result (rank
+0, see mpi_results) with every rank's final weight for each optimizer.
 
 usage: horovodrun -np N python hvd_keras_wrapper.py
 """
 
-import json
 import warnings
 
 import numpy as np
 
 import common  # noqa: F401  (sets TF logging before TF loads)
+from mpi_results import emit
 
 import horovod.tensorflow as hvd  # noqa: E402
 import keras  # noqa: E402
@@ -55,9 +55,9 @@ gathered = {
     for key, value in sorted(results.items()) if isinstance(value, float)
 }
 if rank == 0:
-    print("RESULT " + json.dumps({
+    emit({
         "workers": size,
         "targets": [2.0 * (r + 1) for r in range(size)],
         "final_weights": gathered,
         "errors": {k: v for k, v in results.items() if not isinstance(v, float)},
-    }), flush=True)
+    }, rank)

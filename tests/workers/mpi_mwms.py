@@ -12,6 +12,7 @@ import sys
 import numpy as np
 
 import common  # noqa: F401  (sets TF logging before TF loads)
+from mpi_results import emit  # noqa: E402
 
 from distadam.mpi_rendezvous import rendezvous_tf_config  # noqa: E402
 
@@ -79,7 +80,7 @@ for case in json.loads(sys.argv[1]):
     ref_model = common.make_model()
     ref_opt = common.configure(common.DenseGradientAdam(**common.build_kwargs(case)), case)
     common.train_custom_loop(tf.distribute.get_strategy(), ref_model, ref_opt, data, steps)
-    print("RESULT " + json.dumps({
+    emit({
         "case": case["name"],
         "workers": size,
         "tf_config": tf_config,
@@ -92,4 +93,4 @@ for case in json.loads(sys.argv[1]):
                                          for v in ref_opt.variables
                                          if v.name not in ("iteration", "learning_rate"))),
         "clipping_triggered": common.clipping_triggered(case, data),
-    }), flush=True)
+    }, rank)

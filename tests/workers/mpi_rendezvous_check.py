@@ -1,13 +1,11 @@
-"""Each rank records the TF_CONFIG that the mpi4py rendezvous built for it and
-whether MPI was finalised afterwards (it must be: see mpi_rendezvous), as
-$RESULT_DIR/rank<N>.json (one file per rank: mpirun interleaves ranks' stdout).
+"""Each rank emits (mpi_results) the TF_CONFIG that the mpi4py rendezvous
+built for it and whether MPI was finalised afterwards (it must be: see
+distadam/mpi_rendezvous.py).
 
-usage: RESULT_DIR=... mpirun -np N python mpi_rendezvous_check.py
+usage: mpirun -np N python mpi_rendezvous_check.py
 """
 
 import importlib.util
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -23,6 +21,7 @@ assert "tensorflow" not in sys.modules, "the rendezvous must not import TensorFl
 
 from mpi4py import MPI  # noqa: E402  (already imported by the rendezvous)
 
+from mpi_results import emit  # noqa: E402
+
 rank = tf_config["task"]["index"]
-with open(os.path.join(os.environ["RESULT_DIR"], f"rank{rank}.json"), "w") as f:
-    json.dump({"rank": rank, "tf_config": tf_config, "mpi_finalized": bool(MPI.Is_finalized())}, f)
+emit({"rank": rank, "tf_config": tf_config, "mpi_finalized": bool(MPI.Is_finalized())}, rank)
