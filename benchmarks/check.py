@@ -118,8 +118,7 @@ def check(results) -> Checker:
     for r in report.bytes_rows(results):
         n = r["replicas"]
         padded_over_params = _padded_over_params(r["param_bytes"], n)
-        native = "reducescatter)" in r["setup"]
-        expected = expected_bytes_ratio(not native, padded_over_params)
+        expected = expected_bytes_ratio(not r["native_reduce_scatter"], padded_over_params)
         c.guard(r["sharded_ratio"] <= expected + BYTES_SLACK,
                 f"bytes {r['setup']}: ShardedAdam {r['sharded_ratio']:.4f} x bound <= implementation's "
                 f"{expected:.4f} (+{BYTES_SLACK})")
