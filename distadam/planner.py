@@ -269,9 +269,10 @@ def render(p: Plan) -> str:
         f"bytes sent per worker per optimizer update{steps}:",
         f"  ring all-reduce bound 2Ψ(N-1)/N            {_fmt(c['allreduce_bound']):>12}",
         f"  keras Adam (DP all-reduce)                  {_fmt(c['adam_allreduce']):>12}",
-        f"  ShardedAdam, native reduce-scatter (ZeRO-1) {_fmt(c['zero1_reduce_scatter_all_gather']):>12}",
+        f"  ShardedAdam, native reduce-scatter (ZeRO-1) {_fmt(c['zero1_reduce_scatter_all_gather']):>12}"
+        "   (tf.distribute CollectiveAllReduce: all-to-all)",
         f"  ShardedAdam, all-reduce + slice             {_fmt(c['sharded_allreduce_slice']):>12}"
-        "   (TF CPU collectives; Horovod backend default)",
+        "   (other tf.distribute cross-device ops; Horovod over Gloo)",
     ]
     return "\n".join(lines)
 
