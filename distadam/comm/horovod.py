@@ -9,8 +9,9 @@ believe there is a single replica: ``model.fit``'s ``train_step`` and
 ``tf.nn.compute_average_loss(per_example_loss)`` scale the loss by
 1/local_batch, not 1/global_batch. This backend therefore *averages* the
 gradients over workers (Horovod's own convention, ``op=hvd.Average``), which
-turns the per-worker means back into the mean over the global batch. Write the
-loss exactly as for one process::
+turns the per-worker means back into the mean over the global batch (given
+equal per-rank batch sizes, as Horovod assumes). Write the loss exactly as for
+one process::
 
     loss = tf.reduce_mean(loss_fn(y, model(x)))       # local mean, as usual
     grads = tape.gradient(loss, model.trainable_variables)
@@ -87,11 +88,9 @@ _REDUCE_SCATTER_MODES = ("auto", "allreduce", "reducescatter")
 class HorovodCollectives(Collectives):
     """Collectives over all Horovod processes (the global process set).
 
+    Gradients are averaged over workers (see the module docstring).
+
     Args:
-        average_gradients: reduce gradients with the mean over workers (default;
-            right for ``model.fit`` and for per-worker mean losses, see the
-            module docstring). ``False`` sums, for loops that already scale the
-            loss by 1/global_batch.
         reduce_scatter: ``"auto"``, ``"allreduce"`` or ``"reducescatter"``
             (see the module docstring); default from
             ``DISTADAM_HOROVOD_REDUCE_SCATTER``, else ``"auto"``.
@@ -99,7 +98,7 @@ class HorovodCollectives(Collectives):
 
     name = "horovod"
 
-    def __init__(self, average_gradients: bool = True, reduce_scatter: str | None = None):
+    def __init__(self, reduce_scatter: str | None = None):
         super().__init__()
         hvd = _import_horovod()
         try:
@@ -125,7 +124,6 @@ class HorovodCollectives(Collectives):
         # (Elastic Horovod, which changes the size, is not supported.)
         self._size = int(hvd.size())
         self._rank = int(hvd.rank())
-        self.average_gradients = bool(average_gradients)
         self.reduce_scatter_mode = reduce_scatter
         self._eager_calls = 0
 
@@ -151,10 +149,10 @@ class HorovodCollectives(Collectives):
                 f"reduce-scatter input of length {length} is not a static multiple of "
                 f"the {self._size} workers; distadam pads buckets to size * shard_size"
             )
-        op = self._hvd.Average if self.average_gradients else self._hvd.Sum
+        # Average, not Sum: see "Gradient semantics" in the module docstring.
         if self.reduce_scatter_mode == "reducescatter":
-            return self._hvd.reducescatter(flat, op=op)
-        reduced = self._hvd.allreduce(flat, op=op)
+            return self._hvd.reducescatter(flat, op=self._hvd.Average)
+        reduced = self._hvd.allreduce(flat, op=self._hvd.Average)
         return slice_own_shard(reduced, self._size, self.worker_index())
 
     def _all_reduce_sum(self, values):
