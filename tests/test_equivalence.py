@@ -69,6 +69,8 @@ def test_matches_single_device_adam(results, replicas, case):
     updates = STEPS // (case.get("kwargs", {}).get("gradient_accumulation_steps") or 1)
     assert row["iterations"] == row["reference_iterations"] == updates
     assert row["max_rel_diff"] <= TOLERANCE, row
+    # Multi-replica CPU runs take the direct (all-to-all) collectives.
+    assert row["direct_collectives"] is (replicas > 1)
     if any(k in case.get("kwargs", {}) for k in ("clipnorm", "clipvalue", "global_clipnorm")):
         assert row["clipping_triggered"] is True, "choose a threshold where clipping happens"
 
@@ -101,3 +103,21 @@ def test_state_is_sharded(results, replicas):
             assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), (name, ranges)
         sizes = sorted(r[-1][1] for r in (sorted(v) for v in owned.values()))
         assert sizes == sorted(row["param_counts"])
+
+
+@pytest.mark.timeout(600)
+def test_portable_collectives_match_too():
+    """The portable path (all-reduce + slice, ReplicaContext.all_gather) is what
+    NCCL/TPU strategies use; exercise it on CPU by switching the direct one off."""
+    cases = [c for c in CASES if c["name"] in ("defaults", "clipnorm", "global_clipnorm", "use_ema_overwrite")]
+    proc = start_worker(["equivalence.py", 3, json.dumps(cases)], DISTADAM_DIRECT_COLLECTIVES="0")
+    try:
+        out = finish(proc, timeout=500)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 0, out[-5000:]
+    rows = [json.loads(line[len("RESULT "):]) for line in out.splitlines() if line.startswith("RESULT ")]
+    assert len(rows) == len(cases)
+    for row in rows:
+        assert row["max_rel_diff"] <= TOLERANCE, row
+        assert row["direct_collectives"] is False

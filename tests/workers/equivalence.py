@@ -55,6 +55,7 @@ for case in cases:
         "reference_iterations": int(reference_opt.iterations.numpy()),
         "clipping_triggered": common.clipping_triggered(case, data),
         "state_bytes_per_replica": opt.state_bytes_per_replica(),
+        "direct_collectives": bool(getattr(opt._collectives, "uses_direct_collectives", False)),
         "reference_state_bytes": int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize
                                          for v in reference_opt.variables
                                          if v.name not in ("iteration", "learning_rate"))),
