@@ -72,6 +72,8 @@ class ShardedAdam(keras.optimizers.Optimizer):
     custom loop scale the per-replica loss by 1/global_batch (e.g.
     ``tf.nn.compute_average_loss``), as with any tf.distribute optimizer.
     Sparse gradients (``tf.IndexedSlices``) are densified into the bucket.
+    Under Horovod (no strategy scales the loss) gradients are averaged over
+    ranks instead: keep the loss a local mean (see ``distadam.comm.horovod``).
     """
 
     def __init__(
@@ -625,7 +627,8 @@ class ShardedAdam(keras.optimizers.Optimizer):
 
         A file written by ``model.save`` therefore loads into plain Adam, and
         into ShardedAdam on any number of workers. Gathers the shards: under
-        multi-worker training every worker must call ``model.save``."""
+        multi-worker training every worker must call ``model.save`` (under
+        Horovod, ``distadam.horovod_keras.ModelCheckpoint`` does that)."""
         if not self.built:
             return super().save_own_variables(store)
         full = {kind: self.gather_full_state(kind) for kind in self._shard_state}
