@@ -31,6 +31,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
+from train_digits import load_data  # noqa: E402  (same data and split as the main job)
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -42,17 +44,6 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", default=None,
                         help="rank 0 saves the best weights here (a .weights.h5 path)")
     return parser.parse_args(argv)
-
-
-def load_digits(seed):
-    from sklearn.datasets import load_digits as sklearn_digits
-
-    digits = sklearn_digits()
-    x = (digits.data / 16.0).astype("float32")
-    y = digits.target.astype("int32")
-    order = np.random.default_rng(seed).permutation(len(x))
-    split = int(0.8 * len(x))
-    return (x[order[:split]], y[order[:split]]), (x[order[split:]], y[order[split:]])
 
 
 def shard(x, y, rank, size, local_batch):
@@ -80,7 +71,7 @@ def main(argv=None):
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the {size} ranks")
     local_batch = args.batch_size // size
 
-    (x_train, y_train), (x_test, y_test) = load_digits(args.seed)
+    (x_train, y_train), (x_test, y_test) = load_data(args.seed)
     x_local, y_local = shard(x_train, y_train, rank, size, local_batch)
     x_val, y_val = shard(x_test, y_test, rank, size, local_batch)
 
