@@ -333,7 +333,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
             pieces.append(("nonfinite", tf.reshape(bad, [1])))
         if comm.num_workers > 1:
             pieces.append(("fingerprint", tf.constant(self._fingerprint_terms(), tf.float32)))
-        if self.global_clipnorm and self.global_clipnorm > 0 and not self._clipvalue_active():
+        if self._global_clipnorm_active():
             total = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in grad_shards])
             pieces.append(("global_sum_of_squares", tf.reshape(total, [1])))
         elif self._clipnorm_active():
@@ -349,6 +349,9 @@ class ShardedAdam(keras.optimizers.Optimizer):
 
     def _clipnorm_active(self):
         return bool(self.clipnorm and self.clipnorm > 0)
+
+    def _global_clipnorm_active(self):
+        return bool(self.global_clipnorm and self.global_clipnorm > 0)
 
     def _clipvalue_active(self):
         return bool(self.clipvalue and self.clipvalue > 0)
