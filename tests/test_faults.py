@@ -1,5 +1,6 @@
 """Worker failure: bounded exit, launcher restart, resume from the last checkpoint."""
 
+import json
 import os
 import re
 import subprocess
@@ -9,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import WORKERS, worker_env
+from conftest import WORKERS, free_ports, worker_env
 
 # The bound this project promises for noticing a dead peer (the default
 # collective timeout in the fault worker is 30 s; heartbeats are faster).
@@ -68,15 +69,7 @@ def test_killed_worker_stops_the_job_in_bounded_time(tmp_path, workers):
 def test_survivor_exits_on_its_own_within_the_bound(tmp_path, fault):
     """Without a launcher (e.g. on Kubernetes) the surviving worker must not hang,
     whether its peer died or stalls mid-training (collective timeout)."""
-    import json
-    import socket
-
-    sockets = [socket.socket() for _ in range(2)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
+    ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
     try:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import kill_group
 from distadam import launch
 from distadam.cluster import resolve_cluster
 
@@ -37,14 +38,6 @@ def console_script():
 def start(command, **kwargs):
     return subprocess.Popen(command, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
-
-
-def kill_group(proc):
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=10)
 
 
 def run(command, timeout):

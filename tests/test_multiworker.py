@@ -1,25 +1,13 @@
 """MultiWorkerMirroredStrategy, 2 processes on 127.0.0.1: same weights as one process."""
 
 import json
-import socket
 
 import numpy as np
 import pytest
 
-from conftest import finish, kill_group, start_worker
+from conftest import finish, free_ports, kill_group, start_worker
 
 TOLERANCE = 1e-5
-
-
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 @pytest.mark.timeout(400)

@@ -75,6 +75,24 @@ def loss_fn(y, pred):
     return tf.reduce_mean(tf.square(y - pred), axis=-1)
 
 
+def make_train_step(strategy, model, optimizer):
+    """A tf.function running one strategy.run step on (inputs, targets), the
+    loss averaged over the global batch."""
+
+    @tf.function
+    def train_step(inputs, y):
+        def step_fn(inputs, y):
+            with tf.GradientTape() as tape:
+                pred = model(inputs, training=True)
+                loss = tf.nn.compute_average_loss(loss_fn(y, pred), global_batch_size=GLOBAL_BATCH)
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
+        strategy.run(step_fn, args=(inputs, y))
+
+    return train_step
+
+
 def train_custom_loop(strategy, model, optimizer, data, steps, finalize=True):
     """strategy.run + apply_gradients, the loss averaged over the global batch."""
     (tokens, features), targets = data
@@ -82,23 +100,12 @@ def train_custom_loop(strategy, model, optimizer, data, steps, finalize=True):
         GLOBAL_BATCH, drop_remainder=True
     )
     dist = strategy.experimental_distribute_dataset(dataset)
-
-    @tf.function
-    def train_step(batch):
-        def step_fn(inputs, y):
-            with tf.GradientTape() as tape:
-                pred = model(inputs, training=True)
-                loss = tf.nn.compute_average_loss(loss_fn(y, pred), global_batch_size=GLOBAL_BATCH)
-            grads = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            return loss
-
-        return strategy.run(step_fn, args=batch)
+    train_step = make_train_step(strategy, model, optimizer)
 
     for i, batch in enumerate(dist):
         if i >= steps:
             break
-        train_step(batch)
+        train_step(*batch)
     if finalize:
         optimizer.finalize_variable_values(model.trainable_variables)
 

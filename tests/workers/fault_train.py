@@ -23,7 +23,6 @@ T, EVERY, BOUND_SECONDS = 16, 5, 30
 strategy = distadam.strategy_from_env(communication_timeout=BOUND_SECONDS)
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from distadam.checkpoint import ShardedCheckpointManager  # noqa: E402
 
@@ -44,16 +43,7 @@ print(f"rank {rank}: starting at step {start} from {restored}", flush=True)
 (tokens, features), targets = common.make_data(T)
 
 
-@tf.function
-def train_step(inputs, y):
-    def step_fn(inputs, y):
-        with tf.GradientTape() as tape:
-            loss = tf.nn.compute_average_loss(common.loss_fn(y, model(inputs, training=True)),
-                                              global_batch_size=common.GLOBAL_BATCH)
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-
-    strategy.run(step_fn, args=(inputs, y))
+train_step = common.make_train_step(strategy, model, optimizer)
 
 
 def batch(step):

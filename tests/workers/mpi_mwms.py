@@ -52,22 +52,11 @@ def train_sharded(case, data, steps):
         optimizer = common.configure(distadam.ShardedAdam(**common.build_kwargs(case)), case)
     dataset = strategy.distribute_datasets_from_function(dataset_fn)
 
-    @tf.function
-    def step(batch):
-        def step_fn(inputs, y):
-            with tf.GradientTape() as tape:
-                pred = model(inputs, training=True)
-                loss = tf.nn.compute_average_loss(common.loss_fn(y, pred),
-                                                  global_batch_size=common.GLOBAL_BATCH)
-            grads = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
-
-        strategy.run(step_fn, args=batch)
-
+    step = common.make_train_step(strategy, model, optimizer)
     for i, batch in enumerate(dataset):
         if i >= steps:
             break
-        step(batch)
+        step(*batch)
     return model, optimizer
 
 
