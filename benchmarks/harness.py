@@ -150,6 +150,7 @@ COLLECTIVE_KINDS = {
     "HorovodGroupedAllreduce": "all_reduce",
     "HorovodAllgather": "all_gather",
     "HorovodGroupedAllgather": "all_gather",
+    "HorovodAlltoall": "all_to_all",
     "HorovodReducescatter": "reduce_scatter",
     "HorovodGroupedReducescatter": "reduce_scatter",
     "HorovodBroadcast": "broadcast",
@@ -200,12 +201,12 @@ class CallRecorder:
         for method, kind in self.METHODS.items():
             original = getattr(collectives, method)
 
-            def wrapped(tensor, _original=original, _kind=kind):
+            def wrapped(tensor, name, _original=original, _kind=kind):
                 shape = tensor.shape
                 if not shape.is_fully_defined():
                     raise ValueError(f"{_kind} input has a dynamic shape {shape}")
                 self.calls.append((_kind, int(np.prod(shape.as_list())) * tensor.dtype.size))
-                return _original(tensor)
+                return _original(tensor, name)
 
             setattr(collectives, method, wrapped)
 

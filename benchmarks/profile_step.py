@@ -77,9 +77,9 @@ class FastCollectives(DistributeCollectives):
     direct_gather = True
     all_to_all = True
 
-    def _all_gather(self, shard):
+    def _all_gather(self, shard, name):
         if self.num_workers == 1 or not self.direct_gather:
-            return super()._all_gather(shard)
+            return super()._all_gather(shard, name)
 
         def merge_fn(strategy, per_replica):
             cross_ops, launchers = _launchers(strategy, per_replica)
@@ -90,9 +90,9 @@ class FastCollectives(DistributeCollectives):
 
         return self._context().merge_call(merge_fn, args=(shard,))
 
-    def _reduce_scatter_sum(self, flat):
+    def _reduce_scatter_sum(self, flat, name):
         if self.num_workers == 1 or not self.all_to_all:
-            return super()._reduce_scatter_sum(flat)
+            return super()._reduce_scatter_sum(flat, name)
         n = self.num_workers
 
         def merge_fn(strategy, per_replica):

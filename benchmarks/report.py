@@ -84,11 +84,11 @@ def bytes_rows(results):
             "bound": entry["ring_allreduce_bound"],
             "sharded_bytes": entry["sharded"]["bytes_sent_per_worker"],
             "sharded_ratio": entry["sharded"]["ratio_to_bound"],
-            # A real reduce-scatter (all-to-all, or Horovod's reducescatter)
+            # A real reduce-scatter (all-to-all, or Horovod's reducescatter/alltoall)
             # moves half of what the all-reduce + slice stand-in moves.
             "native_reduce_scatter": bool(
                 entry["sharded"].get("launches_per_step", {}).get("all_to_all")
-                or entry["sharded"].get("reduce_scatter_mode") == "reducescatter"
+                or entry["sharded"].get("reduce_scatter_mode") in ("reducescatter", "alltoall")
             ),
             "adam_bytes": entry["adam"]["bytes_sent_per_worker"],
             "adam_ratio": entry["adam"]["ratio_to_bound"],

@@ -25,5 +25,5 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         ])
         collectives = getattr(self.inner_optimizer, "_collectives", None)
         if collectives is not None and collectives.num_workers > 1:
-            bad = collectives.all_reduce_sum(bad)
+            bad = collectives.all_reduce_sum(bad, name="loss_scale_nonfinite")
         return tf.equal(bad, 0.0)

@@ -10,18 +10,23 @@ One step, on every worker:
    with one small all-reduce (per-variable sums for ``clipnorm``, the total for
    ``global_clipnorm``);
 4. apply weight decay and the Adam update to the worker's shard of the
-   parameters with its shard of ``m``, ``v`` (and ``v_hat``);
-5. all-gather the updated parameter shards and write them into the replicated
-   model variables, identical everywhere.
+   parameters with its shard of ``m``, ``v`` (and ``v_hat``), writing nothing
+   yet;
+5. all-gather the updated parameter shards. A non-finite gradient element
+   makes the parameter it updates non-finite, so every worker now sees whether
+   any worker's shard went bad and all decide alike: skip the step, or write
+   the state shards and the replicated model variables, identical everywhere.
 
 Collectives per step: one reduce-scatter and one all-gather per bucket, plus
-at most one small all-reduce in total, whatever the number of variables.
+one small all-reduce in total when clipping by norm, whatever the number of
+variables.
 """
 
 from __future__ import annotations
 
 import hashlib
 import numbers
+import typing
 
 import keras
 import numpy as np
@@ -66,6 +71,8 @@ class ShardedAdam(keras.optimizers.Optimizer):
         skip_nonfinite: if a gradient holds NaN/Inf on any worker, skip the
             step on every worker (weights, state and ``iterations`` unchanged)
             so shards never diverge. Keras' Adam would write NaN weights.
+            Decided from the gathered parameters, so it costs no collective;
+            it also skips steps while the weights themselves are non-finite.
 
     Gradients are summed across workers once, inside the optimizer, as Keras
     does; ``model.fit`` scales the loss by 1/N so the sum is the mean. In a
@@ -202,8 +209,10 @@ class ShardedAdam(keras.optimizers.Optimizer):
         )
         self._collectives = collectives
         self._layout = layout
+        self._layout_verified = collectives.num_workers == 1
         if collectives.num_workers > 1 and tf.executing_eagerly():
             self._verify_same_layout_everywhere()
+            self._layout_verified = True
         self._shard_state = {kind: [] for kind in self._state_kinds()}
         options = collectives.state_variable_options()
         for bucket_index, bucket in enumerate(layout.buckets):
@@ -259,8 +268,8 @@ class ShardedAdam(keras.optimizers.Optimizer):
         iterations = self.iterations  # accumulated iterations, as Keras' Adam uses
 
         grad_shards = [
-            comm.reduce_scatter_sum(self._flatten(bucket, grads_by_index))
-            for bucket in layout.buckets
+            comm.reduce_scatter_sum(self._flatten(bucket, grads_by_index), name=f"bucket{b}_gradients")
+            for b, bucket in enumerate(layout.buckets)
         ]
         segment_ids = [
             self._segment_ids(bucket, worker) if self._needs_segments(bucket, grads_by_index) else None
@@ -268,84 +277,115 @@ class ShardedAdam(keras.optimizers.Optimizer):
         ]
 
         is_update_step = None
-        accumulated_totals = None
+        accumulator_writes = []
         if self.gradient_accumulation_steps:
             steps = self.gradient_accumulation_steps
             is_update_step = (self._iterations + 1) % steps == 0
-            accumulated_totals = [
+            totals = [
                 shard + self._shard_state["accumulator"][b].value
                 for b, shard in enumerate(grad_shards)
             ]
+            accumulator_writes = [
+                (self._shard_state["accumulator"][b],
+                 tf.cond(is_update_step, lambda t=total: tf.zeros_like(t), lambda t=total: t))
+                for b, total in enumerate(totals)
+            ]
             # Keras clips the accumulated mean, so statistics are taken on it.
-            grad_shards = [total / steps for total in accumulated_totals]
+            grad_shards = [total / steps for total in totals]
 
-        statistics = self._reduce_statistics(grad_shards, segment_ids, comm)
-        # Every worker sees the same reduced statistics, so all take the same
-        # decision: a non-finite gradient anywhere skips the step everywhere.
+        grad_shards = self._clip(grad_shards, segment_ids, self._reduce_norm_statistics(grad_shards, segment_ids))
+
+        proposals = [
+            self._propose_bucket(
+                b, bucket, grad_shards[b], segment_ids[b], grads_by_index,
+                worker, learning_rate, iterations, is_update_step,
+            )
+            for b, bucket in enumerate(layout.buckets)
+        ]
+        gathered, checks = [], []
+        for b, bucket in enumerate(layout.buckets):
+            flat, check = self._gather_params(b, bucket, proposals[b].params)
+            gathered.append(flat)
+            checks += [check] if check is not None else []
+
+        # A NaN/Inf gradient element makes the parameter it updates non-finite
+        # (Adam propagates it; see _propose_bucket for accumulation steps), so
+        # the gathered parameters carry every worker's verdict: all workers
+        # see the same values and take the same decision, with no extra
+        # collective. Such a step is skipped everywhere.
         step_ok = None
-        if "nonfinite" in statistics:
-            step_ok = tf.equal(statistics["nonfinite"][0], 0.0)
-            self._skipped_steps.assign_add(tf.cast(tf.logical_not(step_ok), tf.int64))
-        checks = []
-        if "fingerprint" in statistics:
-            checks.append(self._check_fingerprint(statistics["fingerprint"], comm.num_workers))
-
-        if accumulated_totals is not None:
-            for b, total in enumerate(accumulated_totals):
-                accumulator = self._shard_state["accumulator"][b]
-                new_value = tf.cond(is_update_step, lambda: tf.zeros_like(total), lambda: total)
-                _commit_if(step_ok, [(accumulator, new_value)], new_value, new_value)
-
-        grad_shards = self._clip(grad_shards, segment_ids, statistics)
-
+        if self.skip_nonfinite:
+            step_ok = tf.reduce_all([tf.reduce_all(tf.math.is_finite(flat)) for flat in gathered])
         apply_update = is_update_step
         if step_ok is not None:
             apply_update = step_ok if apply_update is None else tf.logical_and(apply_update, step_ok)
 
         with tf.control_dependencies(checks):
-            gather_sources = [
-                self._update_bucket(
-                    b, bucket, grad_shards[b], segment_ids[b], grads_by_index,
-                    worker, learning_rate, iterations, apply_update, step_ok,
-                )
-                for b, bucket in enumerate(layout.buckets)
-            ]
-
-        for b, bucket in enumerate(layout.buckets):
-            flat_params = comm.all_gather(gather_sources[b])
-            self._write_bucket(bucket, flat_params, grads_by_index)
+            _commit_if(step_ok, accumulator_writes)
+            for b, bucket in enumerate(layout.buckets):
+                _commit_if(apply_update, proposals[b].state_writes)
+                _commit_if(step_ok, proposals[b].average_writes)
+                flat = gathered[b]
+                if step_ok is not None:
+                    flat = tf.cond(step_ok, lambda f=flat: tf.identity(f),
+                                   lambda bucket=bucket: self._flatten(bucket, self._current_values()))
+                self._write_bucket(bucket, flat, grads_by_index)
 
         if step_ok is not None:
+            self._skipped_steps.assign_add(tf.cast(tf.logical_not(step_ok), tf.int64))
             # Keras' apply() adds 1 after this method; a skipped step must leave
             # `iterations` (and so the schedule) where it was.
             self._iterations.assign_sub(tf.cast(tf.logical_not(step_ok), self._iterations.dtype))
 
-    def _reduce_statistics(self, grad_shards, segment_ids, comm):
-        """Everything that needs the global picture, in ONE small all-reduce:
-        the non-finite count, the layout fingerprint, and the partial sums of
-        squares for clipping. Returns the reduced pieces by name."""
-        pieces = []
-        if self.skip_nonfinite:
-            bad = tf.add_n([
-                tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(g)), tf.float32))
-                for g in grad_shards
-            ])
-            pieces.append(("nonfinite", tf.reshape(bad, [1])))
-        if comm.num_workers > 1:
-            pieces.append(("fingerprint", tf.constant(self._fingerprint_terms(), tf.float32)))
+    def _reduce_norm_statistics(self, grad_shards, segment_ids):
+        """The partial sums of squares that norm clipping needs, combined in
+        ONE small all-reduce (per-variable sums for ``clipnorm``, the total for
+        ``global_clipnorm``). Without norm clipping nothing is launched."""
         if self._global_clipnorm_active():
             total = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in grad_shards])
-            pieces.append(("global_sum_of_squares", tf.reshape(total, [1])))
-        elif self._clipnorm_active():
-            for b, (g, bucket, ids) in enumerate(zip(grad_shards, self._layout.buckets, segment_ids)):
-                count = len(bucket.segments)
-                sums = tf.math.unsorted_segment_sum(tf.square(tf.cast(g, tf.float32)), ids, count + 1)
-                pieces.append((f"sum_of_squares_{b}", sums[:count]))
-        if not pieces:
+            return {"global_sum_of_squares": self._collectives.all_reduce_sum(
+                tf.reshape(total, [1]), name="norm_statistics")}
+        if not self._clipnorm_active():
             return {}
-        reduced = comm.all_reduce_sum(tf.concat([value for _, value in pieces], axis=0))
+        pieces = []
+        for b, (g, bucket, ids) in enumerate(zip(grad_shards, self._layout.buckets, segment_ids)):
+            count = len(bucket.segments)
+            sums = tf.math.unsorted_segment_sum(tf.square(tf.cast(g, tf.float32)), ids, count + 1)
+            pieces.append((f"sum_of_squares_{b}", sums[:count]))
+        reduced = self._collectives.all_reduce_sum(
+            tf.concat([value for _, value in pieces], axis=0), name="norm_statistics")
         sizes = [int(value.shape[0]) for _, value in pieces]
         return {name: part for (name, _), part in zip(pieces, tf.split(reduced, sizes))}
+
+    def _gather_params(self, b, bucket, params):
+        """All-gather this worker's new parameter shard. If the layout was not
+        verified when the optimizer was built (built inside a traced step), the
+        shard carries a 2-element trailer with this worker's layout hash, and
+        every worker asserts that all hashes match its own.
+
+        Returns (gathered flat parameters, layout assertion or None)."""
+        comm = self._collectives
+        if comm.num_workers == 1:
+            return params, None
+        name = f"bucket{b}_params"
+        if self._layout_verified:
+            return comm.all_gather(params, name=name), None
+        layout_hash = tf.constant(self._layout_hash(), bucket.dtype)
+        width = bucket.shard_size + int(layout_hash.shape[0])
+        gathered = comm.all_gather(tf.concat([params, layout_hash], axis=0), name=name)
+        rows = tf.reshape(gathered, [comm.num_workers, width])
+        hashes = rows[:, bucket.shard_size:]
+        check = tf.debugging.assert_equal(
+            hashes, tf.broadcast_to(layout_hash, tf.shape(hashes)),
+            message=(
+                "distadam: workers disagree on the trainable variables (number, shapes, "
+                "dtypes or order). Every worker must build the same model before training."
+            ),
+        )
+        return tf.reshape(rows[:, : bucket.shard_size], [-1]), check
+
+    def _current_values(self):
+        return {index: getattr(v, "value", v) for index, v in enumerate(self._trainable_variables)}
 
     def _clipnorm_active(self):
         return bool(self.clipnorm and self.clipnorm > 0)
@@ -356,23 +396,23 @@ class ShardedAdam(keras.optimizers.Optimizer):
     def _clipvalue_active(self):
         return bool(self.clipvalue and self.clipvalue > 0)
 
-    def _fingerprint_terms(self):
-        """[h1, h1^2, h2, h2^2] of two 8-bit hashes of the layout. Summed over
-        workers, sum(h) == N*h and sum(h^2) == N*h^2 hold for every worker only
-        if all hashes are equal (zero variance); exact in float32 up to N=256."""
+    def _layout_hash(self):
+        """Two 8-bit hashes of the layout, as 1..256: exact in every float
+        dtype a bucket can have (bfloat16 included)."""
         description = repr([
             (bucket.dtype, bucket.num_shards, bucket.shard_size, [seg.shape for seg in bucket.segments])
             for bucket in self._layout.buckets
         ]).encode()
         digest = hashlib.sha256(description).digest()
-        h1, h2 = digest[0] + 1, digest[1] + 1
-        return [h1, h1 * h1, h2, h2 * h2]
+        return [digest[0] + 1, digest[1] + 1]
 
     def _verify_same_layout_everywhere(self):
         """Build-time check (a tiny all-reduce) that every worker laid out the
         same variables; a mismatch would otherwise surface as a shape error in
-        the first step's collectives or, worse, as silently mixed shards."""
-        terms = np.asarray(self._fingerprint_terms(), np.float32)
+        the first step's collectives or, worse, as silently mixed shards.
+        Sums of h and h^2 equal N*h and N*h^2 on every worker only if all
+        hashes are equal (zero variance)."""
+        terms = np.asarray([t for h in self._layout_hash() for t in (h, h * h)], np.float32)
         reduced = self._collectives.all_reduce_eagerly(terms)
         if not np.array_equal(reduced, terms * self._collectives.num_workers):
             raise ValueError(
@@ -382,20 +422,10 @@ class ShardedAdam(keras.optimizers.Optimizer):
                 "Every worker must build the same model with the same trainable flags."
             )
 
-    def _check_fingerprint(self, reduced, num_workers):
-        expected = tf.constant(self._fingerprint_terms(), tf.float32) * num_workers
-        return tf.debugging.assert_equal(
-            reduced, expected,
-            message=(
-                "distadam: workers disagree on the trainable variables (number, shapes, "
-                "dtypes or order). Every worker must build the same model before training."
-            ),
-        )
-
-    def _update_bucket(self, b, bucket, grad, segment_ids, grads_by_index, worker,
-                       learning_rate, iterations, apply_update, step_ok):
-        """Weight decay + Adam (+ EMA) on this worker's shard; returns the shard
-        to all-gather into the model variables."""
+    def _propose_bucket(self, b, bucket, grad, segment_ids, grads_by_index, worker,
+                        learning_rate, iterations, is_update_step):
+        """Weight decay + Adam (+ EMA) on this worker's shard, writing nothing:
+        the writes wait until every worker's verdict on the step is known."""
         state = {kind: variables[b] for kind, variables in self._shard_state.items()}
         param_old = self._own_param_shard(bucket, worker)
         grad = tf.cast(grad, param_old.dtype)
@@ -423,27 +453,29 @@ class ShardedAdam(keras.optimizers.Optimizer):
         # Variables without a gradient this step keep everything unchanged,
         # like Keras, which filters them out before the update.
         keep = self._segment_mask(bucket, segment_ids, lambda seg: seg.variable_index in grads_by_index)
-        updates = [(state["momentum"], m), (state["velocity"], v)]
+        state_writes = [(state["momentum"], m), (state["velocity"], v)]
         if self.amsgrad:
-            updates.append((state["velocity_hat"], v_hat))
+            state_writes.append((state["velocity_hat"], v_hat))
         if keep is not None:
-            updates = [(var, tf.where(keep, new, var.value)) for var, new in updates]
+            state_writes = [(var, tf.where(keep, new, var.value)) for var, new in state_writes]
             new_param = tf.where(keep, new_param, param_old)
-        new_param = _commit_if(apply_update, updates, new_param, param_old)
+        if is_update_step is not None:
+            # Accumulating: the weights stay put, but a non-finite gradient
+            # must still show in the gathered parameters (0 * NaN/Inf = NaN)
+            # so that the step is skipped before it poisons the accumulator.
+            new_param = tf.cond(is_update_step, lambda: tf.identity(new_param),
+                                lambda: param_old + grad * tf.zeros([], grad.dtype))
 
         if not self.use_ema:
-            return new_param
+            return _Proposal(new_param, state_writes, [])
         average = adam_math.ema_update(
             state["average"].value, new_param,
             momentum=self.ema_momentum, not_first_step=tf.not_equal(iterations, 0),
         )
-        _commit_if(step_ok, [(state["average"], average)], average, average)
         if self.ema_overwrite_frequency:
             overwrite = (iterations + 1) % self.ema_overwrite_frequency == 0
-            if step_ok is not None:  # a skipped step writes nothing, not even the EMA
-                overwrite = tf.logical_and(overwrite, step_ok)
-            return tf.cond(overwrite, lambda: average, lambda: new_param)
-        return new_param
+            new_param = tf.cond(overwrite, lambda: tf.identity(average), lambda: tf.identity(new_param))
+        return _Proposal(new_param, state_writes, [(state["average"], average)])
 
     def _clip(self, grad_shards, segment_ids, statistics):
         """Clip the reduced gradient shards with the globally reduced sums."""
@@ -699,22 +731,30 @@ class ShardedAdam(keras.optimizers.Optimizer):
         return config
 
 
-def _commit_if(condition, updates, new_result, old_result):
-    """Assign ``updates`` [(variable, value)] and return ``new_result`` if the
-    scalar ``condition`` holds (always when it is None), else leave the
-    variables alone and return ``old_result``. A cond on a scalar instead of
-    full-size selects: a skipped or accumulating step costs no extra pass over
-    the shard."""
+def _commit_if(condition, writes):
+    """Assign ``writes`` [(variable, value)] if the scalar ``condition`` holds
+    (always when it is None). A cond on a scalar instead of full-size selects:
+    a skipped or accumulating step costs no extra pass over the shard."""
+    if not writes:
+        return
     if condition is None:
-        for variable, value in updates:
+        for variable, value in writes:
             variable.assign(value)
-        return new_result
+        return
 
     def commit():
-        with tf.control_dependencies([variable.assign(value) for variable, value in updates]):
-            return tf.identity(new_result)
+        with tf.control_dependencies([variable.assign(value) for variable, value in writes]):
+            return tf.constant(True)
 
-    return tf.cond(condition, commit, lambda: tf.identity(old_result))
+    tf.cond(condition, commit, lambda: tf.constant(False))
+
+
+class _Proposal(typing.NamedTuple):
+    """One bucket's step, computed but not yet written."""
+
+    params: tf.Tensor  # this worker's new parameter shard, to all-gather
+    state_writes: list  # (m, v, v_hat variable, new value): on update steps
+    average_writes: list  # (EMA variable, new value): on every good step
 
 
 class ShardStateVariable(keras.Variable):

@@ -7,8 +7,8 @@ import pytest
 from conftest import finish, kill_group, start_worker
 
 
-def run(replicas, wrap):
-    proc = start_worker(["nonfinite.py", replicas, wrap])
+def run(replicas, wrap, options=None):
+    proc = start_worker(["nonfinite.py", replicas, wrap, json.dumps(options or {})])
     try:
         out = finish(proc, timeout=240)
     finally:
@@ -33,6 +33,29 @@ def test_sharded_adam_skips_globally(replicas):
     result = run(replicas, "plain")
     check_skipped_everywhere(result)
     assert result["skipped"] == 1
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", [
+    {"poison": "inf"},
+    {"kwargs": {"global_clipnorm": 0.5}},
+    {"kwargs": {"use_ema": True, "ema_overwrite_frequency": 2, "weight_decay": 0.01}},
+    # Step 2 is a micro-step that only accumulates, step 5 applies the update.
+    {"kwargs": {"gradient_accumulation_steps": 2}, "poison_steps": [2, 5]},
+    {"kwargs": {"amsgrad": True, "clipnorm": 0.5}, "poison": "inf", "poison_steps": [0, 4]},
+], ids=["inf", "global_clipnorm", "ema_weight_decay", "accumulation", "amsgrad_clipnorm_inf"])
+def test_skipped_step_leaves_no_trace(case):
+    """A skipped step is as if its batch never came: the final weights equal
+    those of a run without the poisoned batches."""
+    result = run(2, "plain", case)
+    poisoned = result["poison_steps"]
+    assert result["skipped"] == len(poisoned)
+    assert result["raw_iterations"] == result["clean_raw_iterations"] == 6 - len(poisoned)
+    for step, record in enumerate(result["history"]):
+        assert record["replicas_identical"] and record["finite"], (step, record)
+        if step in poisoned:
+            assert record["unchanged"], (step, record)
+    assert result["max_difference_to_clean_run"] <= 1e-6, result
 
 
 @pytest.mark.timeout(300)

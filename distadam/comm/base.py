@@ -33,29 +33,34 @@ class Collectives(abc.ABC):
     def worker_index(self) -> tf.Tensor:
         """This worker's shard index as an int32 scalar tensor."""
 
-    def reduce_scatter_sum(self, flat: tf.Tensor) -> tf.Tensor:
+    # ``name`` identifies the collective within a step: unique among the
+    # step's collectives and identical on every worker. Backends that match
+    # collectives across processes by name (Horovod) need it; the others may
+    # use it for op names only.
+
+    def reduce_scatter_sum(self, flat: tf.Tensor, name: str | None = None) -> tf.Tensor:
         """Sum ``flat`` (shape [num_workers * S]) over workers; return this
         worker's slice [index * S, (index + 1) * S) of the sum."""
         self.launches["reduce_scatter"] += 1
-        return self._reduce_scatter_sum(flat)
+        return self._reduce_scatter_sum(flat, name)
 
-    def all_reduce_sum(self, values: tf.Tensor) -> tf.Tensor:
+    def all_reduce_sum(self, values: tf.Tensor, name: str | None = None) -> tf.Tensor:
         self.launches["all_reduce"] += 1
-        return self._all_reduce_sum(values)
+        return self._all_reduce_sum(values, name)
 
-    def all_gather(self, shard: tf.Tensor) -> tf.Tensor:
+    def all_gather(self, shard: tf.Tensor, name: str | None = None) -> tf.Tensor:
         """Concatenate every worker's ``shard`` (shape [S]) in worker order."""
         self.launches["all_gather"] += 1
-        return self._all_gather(shard)
+        return self._all_gather(shard, name)
 
     @abc.abstractmethod
-    def _reduce_scatter_sum(self, flat): ...
+    def _reduce_scatter_sum(self, flat, name): ...
 
     @abc.abstractmethod
-    def _all_reduce_sum(self, values): ...
+    def _all_reduce_sum(self, values, name): ...
 
     @abc.abstractmethod
-    def _all_gather(self, shard): ...
+    def _all_gather(self, shard, name): ...
 
     def assign_replicated(self, variables, values) -> None:
         """Write identical ``values`` into the replicated model ``variables``
@@ -70,7 +75,7 @@ class Collectives(abc.ABC):
     def all_reduce_eagerly(self, values):
         """Sum a small numpy array across workers from eager, cross-replica code
         (outside any step). Returns a numpy array."""
-        return np.asarray(self._all_reduce_sum(tf.constant(values)))
+        return np.asarray(self._all_reduce_sum(tf.constant(values), None))
 
     def local_worker_indices(self) -> list:
         """Shard index of each local component, in ``local_components`` order.

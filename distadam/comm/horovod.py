@@ -25,44 +25,54 @@ partial sums of squares) and ``all_gather`` are exact sums/concatenations.
 
 Reduce-scatter choice
 ---------------------
-A gradient bucket (always padded to ``size * S``) is reduced one of two ways:
+A gradient bucket (always padded to ``size * S``) is reduced one of three ways:
 
-* ``"reducescatter"``: ``hvd.reducescatter``, the bandwidth-optimal
-  collective. Horovod splits the first dimension into near-equal parts, the
-  first ``dim0 % size`` ranks getting one extra row; with padded buckets
-  every rank receives exactly its contiguous slice ``[rank * S, (rank+1) * S)``.
+* ``"alltoall"``: ``hvd.alltoall`` sends row j of the bucket (viewed as
+  [size, S]) to rank j; each rank sums the rows it receives, in rank order.
+  The same bytes as a ring reduce-scatter, ``(size-1)/size`` of the bucket.
+* ``"reducescatter"``: ``hvd.reducescatter``. Horovod splits the first
+  dimension into near-equal parts, the first ``dim0 % size`` ranks getting
+  one extra row; with padded buckets every rank receives exactly its
+  contiguous slice ``[rank * S, (rank+1) * S)``.
 * ``"allreduce"``: ``hvd.allreduce`` of the whole bucket, then this rank's
-  slice. Twice the bytes of a reduce-scatter in theory.
+  slice. Twice the bytes of a reduce-scatter.
 
-``"auto"`` (default) picks by Horovod's controller, from measurements on 2-3
-CPU processes (ms per call, float32, 1M / 4M elements):
+Measured on 2 CPU processes (ms per call, median, 2.6M float32, one compute
+thread per rank; ``benchmarks/`` has the full runs):
 
-=================  ===============  ================
-controller         reducescatter    allreduce+slice
-=================  ===============  ================
-Gloo, 2 ranks      28-40 / 98-128   11-14 / 20-26
-Gloo, 3 ranks      37-42 / 134-154  18-20 / 44-46
-MPI, 2 ranks       2.7 / 6-16       3.9-4.5 / 10-21
-MPI, 3 ranks       4.6 / 12         7.1 / 18
-=================  ===============  ================
+==========  ========  =============  =============  ====================
+controller  alltoall  reducescatter  allreduce      alltoall + allgather
+==========  ========  =============  =============  ====================
+Gloo        10.1      28.1           15.0           16.2
+MPI         4.2       4.6            6.4            5.3
+==========  ========  =============  =============  ====================
 
-Horovod 0.28's Gloo reducescatter constructs a new halving-doubling algorithm
-(buffers, pair registration) on every call, so under Gloo ``"auto"`` uses
-allreduce + slice; under MPI (``MPI_Reduce_scatter``) it uses reducescatter.
-Override with ``HorovodCollectives(reduce_scatter=...)`` or the environment
-variable ``DISTADAM_HOROVOD_REDUCE_SCATTER`` (read when the optimizer is
-built, which is how ``ShardedAdam(backend="horovod")`` constructs it).
+Horovod 0.28's Gloo reducescatter builds a new halving-doubling algorithm
+(buffers, pair registration) on every call, hence its cost. ``"auto"``
+(default) uses ``"reducescatter"`` where Horovod runs it on NCCL (GPU
+tensors, NCCL built), which is ring-optimal there, and ``"alltoall"``
+otherwise. Override with ``HorovodCollectives(reduce_scatter=...)`` or the
+environment variable ``DISTADAM_HOROVOD_REDUCE_SCATTER`` (read when the
+optimizer is built, which is how ``ShardedAdam(backend="horovod")``
+constructs it).
 
 Collective naming
 -----------------
-Horovod matches tensors across processes by op name. Inside a ``tf.function``
-the ops take their (deterministic, uniquified) graph node names, identical on
-every rank because every rank traces the same step. Eager calls (consolidating
-state) pass explicit names.
+Horovod matches tensors across processes by name, so every rank must give a
+collective the same name, unique among the collectives in flight. Names left
+to Horovod derive from the input tensor's graph name, which depends on how
+many ops the rank traced before it, and that differs between ranks (a rank
+owning a shard that spans more variables traces more slicing ops): ranks
+then wait for names no other rank submits. So in-step collectives are named
+``distadam<k>.<name>``, from the name the optimizer gives each collective and
+``k``, the backend's creation index in the process (every rank builds its
+optimizers in the same order). Eager calls (consolidating state) are named
+from a per-backend call counter.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import tensorflow as tf
@@ -82,7 +92,17 @@ def _import_horovod():
     return hvd
 
 
-_REDUCE_SCATTER_MODES = ("auto", "allreduce", "reducescatter")
+def _nccl_on_gpus(hvd) -> bool:
+    """Whether Horovod will run reductions of this process's tensors on NCCL."""
+    try:
+        return bool(hvd.nccl_built()) and bool(tf.config.list_logical_devices("GPU"))
+    except Exception:  # older builds lack nccl_built(): assume CPU collectives
+        return False
+
+
+_instance_counter = itertools.count()
+
+_REDUCE_SCATTER_MODES = ("auto", "alltoall", "reducescatter", "allreduce")
 
 
 class HorovodCollectives(Collectives):
@@ -91,7 +111,7 @@ class HorovodCollectives(Collectives):
     Gradients are averaged over workers (see the module docstring).
 
     Args:
-        reduce_scatter: ``"auto"``, ``"allreduce"`` or ``"reducescatter"``
+        reduce_scatter: ``"auto"``, ``"alltoall"``, ``"reducescatter"`` or ``"allreduce"``
             (see the module docstring); default from
             ``DISTADAM_HOROVOD_REDUCE_SCATTER``, else ``"auto"``.
     """
@@ -118,13 +138,14 @@ class HorovodCollectives(Collectives):
                 f"reduce_scatter must be one of {_REDUCE_SCATTER_MODES}, got {reduce_scatter!r}"
             )
         if reduce_scatter == "auto":
-            reduce_scatter = "allreduce" if hvd.gloo_enabled() else "reducescatter"
+            reduce_scatter = "reducescatter" if _nccl_on_gpus(hvd) else "alltoall"
         self._hvd = hvd
         # Fixed for the life of the optimizer: the shard layout depends on it.
         # (Elastic Horovod, which changes the size, is not supported.)
         self._size = int(hvd.size())
         self._rank = int(hvd.rank())
         self.reduce_scatter_mode = reduce_scatter
+        self._name_prefix = f"distadam{next(_instance_counter)}"
         self._eager_calls = 0
 
     @property
@@ -138,7 +159,10 @@ class HorovodCollectives(Collectives):
     def worker_index(self):
         return tf.constant(self._rank, dtype=tf.int32)
 
-    def _reduce_scatter_sum(self, flat):
+    def _op_name(self, name):
+        return None if name is None else f"{self._name_prefix}.{name}"
+
+    def _reduce_scatter_sum(self, flat, name):
         if self._size == 1:
             return flat
         length = flat.shape[0]
@@ -150,20 +174,24 @@ class HorovodCollectives(Collectives):
                 f"the {self._size} workers; distadam pads buckets to size * shard_size"
             )
         # Average, not Sum: see "Gradient semantics" in the module docstring.
+        if self.reduce_scatter_mode == "alltoall":
+            received = self._hvd.alltoall(flat, name=self._op_name(name))
+            rows = tf.reshape(received, [self._size, length // self._size])
+            return tf.reduce_sum(rows, axis=0) / tf.cast(self._size, flat.dtype)
         if self.reduce_scatter_mode == "reducescatter":
-            return self._hvd.reducescatter(flat, op=self._hvd.Average)
-        reduced = self._hvd.allreduce(flat, op=self._hvd.Average)
+            return self._hvd.reducescatter(flat, op=self._hvd.Average, name=self._op_name(name))
+        reduced = self._hvd.allreduce(flat, op=self._hvd.Average, name=self._op_name(name))
         return slice_own_shard(reduced, self._size, self.worker_index())
 
-    def _all_reduce_sum(self, values):
+    def _all_reduce_sum(self, values, name):
         if self._size == 1:
             return values
-        return self._hvd.allreduce(values, op=self._hvd.Sum)
+        return self._hvd.allreduce(values, op=self._hvd.Sum, name=self._op_name(name))
 
-    def _all_gather(self, shard):
+    def _all_gather(self, shard, name):
         if self._size == 1:
             return shard
-        return self._hvd.allgather(shard)
+        return self._hvd.allgather(shard, name=self._op_name(name))
 
     def gather_eagerly(self, tensors) -> list:
         """All-gather a list of per-worker tensors outside any step (EMA
@@ -177,5 +205,5 @@ class HorovodCollectives(Collectives):
         # every rank (all ranks make the same calls) and never collides with a
         # gather still in flight from another thread or optimizer.
         self._eager_calls += 1
-        name = f"distadam_gather_eagerly_{self._eager_calls}"
+        name = f"{self._name_prefix}.gather_eagerly_{self._eager_calls}"
         return list(self._hvd.grouped_allgather(tensors, name=name))

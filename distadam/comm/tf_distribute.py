@@ -102,7 +102,7 @@ class DistributeCollectives(Collectives):
         index = self._context().replica_id_in_sync_group
         return tf.cast(index, tf.int32)
 
-    def _reduce_scatter_sum(self, flat):
+    def _reduce_scatter_sum(self, flat, name):
         if self.num_workers == 1:
             return flat
         if self._direct is not None:
@@ -147,12 +147,12 @@ class DistributeCollectives(Collectives):
 
         return launcher._all_gather(shard, collective_util.Options())
 
-    def _all_reduce_sum(self, values):
+    def _all_reduce_sum(self, values, name):
         if self.num_workers == 1:
             return values
         return self._context().all_reduce(tf.distribute.ReduceOp.SUM, values)
 
-    def _all_gather(self, shard):
+    def _all_gather(self, shard, name):
         if self.num_workers == 1:
             return shard
         if self._direct is not None:

@@ -6,7 +6,7 @@ Adam on one process over the whole global batch. Emits one result per case
 usage: horovodrun -np N python hvd_equivalence.py CASES_JSON
 
 Each case: name, steps, mode ("custom" | "fit"), kwargs, schedule,
-target_scale (see common.py), reduce_scatter ("auto" | "allreduce" | "reducescatter").
+target_scale (see common.py), reduce_scatter ("auto" | "alltoall" | "reducescatter" | "allreduce").
 Non-root ranks start from different weights, so the result is only right if
 the initial broadcast works.
 """

@@ -1,6 +1,10 @@
 """A NaN in one replica's gradient at one step skips that step on every replica.
 
-usage: python nonfinite.py N WRAP(plain|loss_scale|keras_loss_scale) ; prints RESULT json
+usage: python nonfinite.py N WRAP(plain|loss_scale|keras_loss_scale) [OPTIONS_JSON] ; prints RESULT json
+
+OPTIONS_JSON (optional): {"kwargs": ShardedAdam kwargs, "poison": "nan" | "inf",
+"poison_steps": [step, ...]}. The result also compares the final weights with a
+run that never saw the poisoned batches: a skipped step must leave no trace.
 """
 
 import json
@@ -10,6 +14,7 @@ import common
 
 num_replicas = int(sys.argv[1])
 wrap = sys.argv[2]
+options = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
 common.use_logical_cpus(num_replicas)
 
 import keras  # noqa: E402
@@ -18,25 +23,35 @@ import tensorflow as tf  # noqa: E402
 
 import distadam  # noqa: E402
 
-POISON_STEP, POISON_REPLICA, STEPS = 3, num_replicas - 1, 6
+POISON_STEPS = options.get("poison_steps", [3])
+POISON_VALUE = {"nan": np.nan, "inf": np.inf}[options.get("poison", "nan")]
+POISON_REPLICA, STEPS = num_replicas - 1, 6
 strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(num_replicas)])
-with strategy.scope():
-    model = common.make_model()
-    sharded = distadam.ShardedAdam(learning_rate=0.01)
-    optimizer = sharded
-    if wrap == "loss_scale":
-        optimizer = distadam.LossScaleOptimizer(sharded, initial_scale=2.0**10)
-    elif wrap == "keras_loss_scale":
-        optimizer = keras.optimizers.LossScaleOptimizer(sharded, initial_scale=2.0**10)
-    optimizer.build(model.trainable_variables)
 
+
+def build():
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = common.make_model()
+        sharded = distadam.ShardedAdam(learning_rate=0.01, **options.get("kwargs", {}))
+        optimizer = sharded
+        if wrap == "loss_scale":
+            optimizer = distadam.LossScaleOptimizer(sharded, initial_scale=2.0**10)
+        elif wrap == "keras_loss_scale":
+            optimizer = keras.optimizers.LossScaleOptimizer(sharded, initial_scale=2.0**10)
+        optimizer.build(model.trainable_variables)
+    return model, sharded, optimizer
+
+
+model, sharded, optimizer = build()
 (tokens, features), targets = common.make_data(STEPS)
 dataset = tf.data.Dataset.from_tensor_slices(((tokens, features), targets)).batch(common.GLOBAL_BATCH)
 step_counter = tf.Variable(0, dtype=tf.int64)
 
 
-@tf.function
-def train_step(batch):
+def make_train_step(model, optimizer, poison_steps):
+  @tf.function
+  def train_step(batch):
     def step_fn(inputs, y):
         with tf.GradientTape() as tape:
             loss = tf.nn.compute_average_loss(common.loss_fn(y, model(inputs, training=True)),
@@ -44,12 +59,17 @@ def train_step(batch):
             loss = optimizer.scale_loss(loss)
         grads = tape.gradient(loss, model.trainable_variables)
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-        poison = tf.logical_and(tf.equal(replica, POISON_REPLICA), tf.equal(step_counter, POISON_STEP))
+        poisoned_step = tf.reduce_any(tf.equal(step_counter, tf.constant(poison_steps + [-1], tf.int64)))
+        poison = tf.logical_and(tf.equal(replica, POISON_REPLICA), poisoned_step)
         grads = [tf.convert_to_tensor(g) for g in grads]
-        grads[-1] = tf.where(poison, tf.fill(tf.shape(grads[-1]), np.nan), grads[-1])
+        grads[-1] = tf.where(poison, tf.fill(tf.shape(grads[-1]), POISON_VALUE), grads[-1])
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
 
     strategy.run(step_fn, args=batch)
+  return train_step
+
+
+train_step = make_train_step(model, optimizer, POISON_STEPS)
 
 
 def replica_values():
@@ -57,17 +77,30 @@ def replica_values():
 
 
 history = []
-for batch in strategy.experimental_distribute_dataset(dataset):
+batches = list(strategy.experimental_distribute_dataset(dataset))
+for batch in batches:
     before = replica_values()
     train_step(batch)
     after = replica_values()
     step_counter.assign_add(1)
     history.append({
-        "iterations": int(sharded.iterations.numpy()),
+        "iterations": int(sharded._iterations.numpy()),
         "unchanged": all(np.array_equal(a[0], b[0]) for a, b in zip(before, after)),
         "replicas_identical": all(all(np.array_equal(c, comps[0]) for c in comps) for comps in after),
         "finite": all(np.all(np.isfinite(c)) for comps in after for c in comps),
         "scale": float(optimizer.dynamic_scale.numpy()) if wrap != "plain" else None,
     })
+
+# The same training without the poisoned batches at all.
+clean_model, clean_sharded, clean_optimizer = build()
+clean_step = make_train_step(clean_model, clean_optimizer, [])
+for index, batch in enumerate(batches):
+    if index not in POISON_STEPS:
+        clean_step(batch)
+difference = max(float(np.max(np.abs(np.asarray(a.value) - np.asarray(b.value))))
+                 for a, b in zip(model.trainable_variables, clean_model.trainable_variables))
 print("RESULT " + json.dumps({"history": history, "skipped": sharded.skipped_steps,
-                              "poison_step": POISON_STEP}), flush=True)
+                              "poison_step": POISON_STEPS[0], "poison_steps": POISON_STEPS,
+                              "raw_iterations": int(sharded._iterations.numpy()),
+                              "clean_raw_iterations": int(clean_sharded._iterations.numpy()),
+                              "max_difference_to_clean_run": difference}), flush=True)
