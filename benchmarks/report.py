@@ -99,9 +99,11 @@ def bytes_rows(results):
 def timing_rows(results):
     rows = []
     sources = [(f"MirroredStrategy N={n}", run.get("timing"), "keras Adam") for n, run in _by_replicas(results)]
-    hvd = results.get("horovod", {})
-    if hvd.get("timing"):
-        sources.append((f"horovodrun -np {hvd['replicas']}", hvd["timing"], "allreduce + Adam"))
+    for key in ("horovod", "horovod_mpi"):
+        hvd = results.get(key, {})
+        if hvd.get("timing"):
+            sources.append((f"horovodrun -np {hvd['replicas']} ({hvd.get('controller', 'gloo')})",
+                            hvd["timing"], "allreduce + Adam"))
     for label, timing, baseline in sources:
         for model, entry in (timing or {}).items():
             ratio = entry["ratio_sharded_over_adam"]

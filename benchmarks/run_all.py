@@ -90,15 +90,15 @@ def horovod_available():
     return None
 
 
-def run_horovod(workdir, timeout, extra=()):
-    out = Path(workdir) / "horovod.json"
+def run_horovod(workdir, timeout, extra=(), controller="gloo"):
+    out = Path(workdir) / f"horovod_{controller}.json"
     bindir = str(Path(sys.executable).parent)
     horovodrun = shutil.which("horovodrun", path=bindir + os.pathsep + os.environ.get("PATH", ""))
     # horovodrun starts `python` from PATH: put this interpreter's bin first.
     os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-    run_child([horovodrun, "-np", "2", "-H", "localhost:2", "--gloo", sys.executable,
+    run_child([horovodrun, "-np", "2", "-H", "localhost:2", f"--{controller}", sys.executable,
                str(HERE / "horovod_worker.py"), "--out", str(out), *extra],
-              timeout, "horovodrun -np 2")
+              timeout, f"horovodrun -np 2 --{controller}")
     return json.loads(out.read_text())
 
 
@@ -200,6 +200,12 @@ def main(argv=None):
                 hvd_args = ["--collective-sizes", collective_sizes,
                             "--repetitions", str(args.repetitions), "--steps", str(args.steps)]
                 results["horovod"] = run_horovod(workdir, args.timeout, hvd_args)
+                # Plain `horovodrun` picks MPI when Horovod was built with it (as
+                # ./dev builds it): time that controller too.
+                results["horovod_mpi"] = run_horovod(
+                    workdir, args.timeout,
+                    ["--tasks", "timing", "--repetitions", str(args.repetitions), "--steps", str(args.steps)],
+                    controller="mpi")
 
     results["elapsed_s"] = time.perf_counter() - started
     if hasattr(os, "getloadavg"):
