@@ -328,7 +328,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
                 flat = gathered[b]
                 if step_ok is not None:
                     flat = tf.cond(step_ok, lambda f=flat: tf.identity(f),
-                                   lambda bucket=bucket: self._flatten(bucket, self._current_values()))
+                                   lambda bucket=bucket: self._flat_params(bucket))
                 self._write_bucket(bucket, flat, grads_by_index)
 
         if step_ok is not None:
@@ -383,9 +383,6 @@ class ShardedAdam(keras.optimizers.Optimizer):
             ),
         )
         return tf.reshape(rows[:, : bucket.shard_size], [-1]), check
-
-    def _current_values(self):
-        return {index: getattr(v, "value", v) for index, v in enumerate(self._trainable_variables)}
 
     def _clipnorm_active(self):
         return bool(self.clipnorm and self.clipnorm > 0)
@@ -522,12 +519,16 @@ class ShardedAdam(keras.optimizers.Optimizer):
                 pieces.append(tf.zeros([bucket.shard_size - (hi - lo)], dtype=bucket.dtype))
             return tf.concat(pieces, axis=0) if len(pieces) > 1 else pieces[0]
         # Dynamic replica id (TPU): flatten everything and pick the row.
+        flat = self._flat_params(bucket)
+        return tf.gather(tf.reshape(flat, [bucket.num_shards, bucket.shard_size]), worker)
+
+    def _flat_params(self, bucket):
+        """The bucket's current parameters, flattened and padded."""
         values = {
             seg.variable_index: self._trainable_variables[seg.variable_index].value
             for seg in bucket.segments
         }
-        flat = self._flatten(bucket, values)
-        return tf.gather(tf.reshape(flat, [bucket.num_shards, bucket.shard_size]), worker)
+        return self._flatten(bucket, values)
 
     def _write_bucket(self, bucket, flat, grads_by_index):
         flat = flat[: bucket.num_elements]
