@@ -93,7 +93,7 @@ def local_batch(input_dim, output_dim, batch, seed=0):
 def collectives_of(name, model, optimizer, batch, input_dim, output_dim):
     step = make_step(name, model, optimizer)
     x, y = local_batch(input_dim, output_dim, batch)
-    backend = getattr(optimizer, "_collectives", None)
+    backend = optimizer.collectives if isinstance(optimizer, distadam.ShardedAdam) else None
     before = dict(backend.launches) if backend else None
     recorder = harness.CallRecorder(backend) if backend else None
     start = time.perf_counter()
@@ -118,7 +118,7 @@ def task_memory():
         "model": harness.model_summary(sharded_model),
         "sharded_bytes_per_replica": sum(
             harness.optimizer_state_bytes(sharded, sharded_model.trainable_variables).values()),
-        "sharded_reported_bytes_per_replica": sum(sharded.state_bytes_per_replica().values()),
+        "sharded_reported_bytes_per_replica": sum(sharded.state_bytes_per_device().values()),
         "adam_bytes_per_replica": sum(
             harness.optimizer_state_bytes(adam, adam_model.trainable_variables).values()),
     }}

@@ -101,7 +101,7 @@ def distributed_batch(input_dim, output_dim, batch_per_replica, seed=0):
 def collectives_of(model, optimizer, batch_per_replica, input_dim, output_dim):
     step = make_step(model, optimizer, N * batch_per_replica)
     x, y = distributed_batch(input_dim, output_dim, batch_per_replica)
-    backend = getattr(optimizer, "_collectives", None)
+    backend = optimizer.collectives if isinstance(optimizer, distadam.ShardedAdam) else None
     before = dict(backend.launches) if backend else None
     recorder = harness.CallRecorder(backend) if backend else None
     start = time.perf_counter()
@@ -131,13 +131,13 @@ def task_memory():
             "model": harness.model_summary(sharded_model),
             "sharded_bytes_per_replica": harness.by_short_device(
                 harness.optimizer_state_bytes(sharded, sharded_vars)),
-            "sharded_reported_bytes_per_replica": harness.by_short_device(sharded.state_bytes_per_replica()),
+            "sharded_reported_bytes_per_replica": harness.by_short_device(sharded.state_bytes_per_device()),
             "adam_bytes_per_replica": harness.by_short_device(harness.optimizer_state_bytes(adam, adam_vars)),
             "model_variables_in_optimizer_variables": {
                 "sharded": harness.tracked_model_variables(sharded, sharded_vars),
                 "adam": harness.tracked_model_variables(adam, adam_vars),
             },
-            "state_kinds": list(sharded._shard_state),
+            "state_kinds": list(sharded.sharded_state.kinds),
             "num_buckets": len(sharded.layout.buckets),
             "padding_elements": sum(b.padding for b in sharded.layout.buckets),
         }

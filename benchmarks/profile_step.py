@@ -56,7 +56,7 @@ from tensorflow.python.distribute import collective_util, distribute_utils, valu
 from tensorflow.python.ops import collective_ops  # noqa: E402
 
 import distadam  # noqa: E402
-from distadam.comm.tf_distribute import DistributeCollectives  # noqa: E402
+from distadam.collectives.tf_distribute import DistributeCollectives  # noqa: E402
 
 N = ARGS.replicas
 STRATEGY = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(N)])
@@ -135,10 +135,10 @@ def make_variant(name):
         if optimizer is not None:
             optimizer.build(model.trainable_variables)
             if isinstance(optimizer, distadam.ShardedAdam) and {"direct_gather", "all_to_all"} & parts:
-                optimizer._collectives.__class__ = fast_collectives("direct_gather" in parts, "all_to_all" in parts)
+                optimizer.collectives.__class__ = fast_collectives("direct_gather" in parts, "all_to_all" in parts)
             if isinstance(optimizer, distadam.ShardedAdam):
                 # Before the first trace, so the byte accounting sees every call.
-                RECORDERS[name] = harness.CallRecorder(optimizer._collectives)
+                RECORDERS[name] = harness.CallRecorder(optimizer.collectives)
     global_batch = N * SPEC["batch_per_replica"]
 
     @tf.function

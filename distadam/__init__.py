@@ -4,7 +4,7 @@ try:
     import tensorflow as _tf  # noqa: F401
 except ModuleNotFoundError as error:  # pragma: no cover - depends on the install
     raise ModuleNotFoundError(
-        "distadam needs TensorFlow >= 2.16: pip install 'distadam[cpu]' (or 'distadam[gpu]')"
+        "distadam needs TensorFlow 2.21: pip install 'distadam[cpu]' (or 'distadam[gpu]')"
     ) from error
 
 from distadam.loss_scale import LossScaleOptimizer

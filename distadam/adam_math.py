@@ -44,6 +44,38 @@ def clip_by_value(grad, clipvalue):
     return tf.clip_by_value(grad, -clipvalue, clipvalue)
 
 
+# Norm clipping on sharded gradients: each worker computes partial sums of
+# squares over its shard; summed over workers (one small all-reduce) they are
+# the sums over the whole reduced gradient, so the clip is the one a single
+# device would apply.
+
+def total_sum_of_squares(shards):
+    """Partial sum of squares over a worker's gradient shards (float32 scalar)."""
+    return tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in shards])
+
+
+def segment_sums_of_squares(shard, segment_ids, num_segments):
+    """Partial sum of squares per variable over one shard: float32
+    [num_segments]. ``segment_ids`` maps each element to its variable's
+    position, ``num_segments`` marking padding (dropped)."""
+    sums = tf.math.unsorted_segment_sum(tf.square(tf.cast(shard, tf.float32)), segment_ids, num_segments + 1)
+    return sums[:num_segments]
+
+
+def clip_by_global_norm(shards, global_sum_of_squares, clip_norm):
+    """Scale every shard by ``clip_norm / max(global norm, clip_norm)``."""
+    scale = global_norm_scale(global_sum_of_squares, clip_norm)
+    return [g * tf.cast(scale, g.dtype) for g in shards]
+
+
+def clip_by_variable_norm(shard, segment_ids, segment_sums, clip_norm):
+    """Clip each variable's part of ``shard`` to norm ``clip_norm`` given its
+    global sum of squares (``segment_sums``, one per variable)."""
+    divisor = per_variable_norm_divisor(segment_sums, clip_norm)
+    divisor = tf.concat([divisor, [clip_norm]], axis=0)  # padding's segment: unchanged
+    return shard * tf.cast(clip_norm, shard.dtype) / tf.cast(tf.gather(divisor, segment_ids), shard.dtype)
+
+
 def global_norm_scale(sum_of_squares, clip_norm):
     """Factor that clips to ``clip_norm`` given the global sum of squares.
 

@@ -31,6 +31,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import keras
 import numpy as np
 
 FORMAT_VERSION = 1
@@ -83,7 +84,7 @@ class ShardedCheckpointManager:
     def __init__(self, directory, model, optimizer, max_to_keep: int = 3):
         if not isinstance(max_to_keep, int) or max_to_keep < 1:
             raise ValueError(f"max_to_keep must be a positive integer, got {max_to_keep!r}")
-        if not getattr(optimizer, "built", False) or not hasattr(optimizer, "_shard_state"):
+        if not getattr(optimizer, "built", False) or not hasattr(optimizer, "sharded_state"):
             raise ValueError(
                 "ShardedCheckpointManager needs a built distadam.ShardedAdam: call "
                 "optimizer.build(model.trainable_variables) (under the strategy scope) first."
@@ -92,7 +93,7 @@ class ShardedCheckpointManager:
         self.model = model
         self.optimizer = optimizer
         self.max_to_keep = max_to_keep
-        collectives = optimizer._collectives
+        collectives = optimizer.collectives
         self._collectives = collectives
         self._local_shards = collectives.local_worker_indices()
         per_process = len(self._local_shards)
@@ -115,7 +116,7 @@ class ShardedCheckpointManager:
     def save(self) -> Path:
         """Write a checkpoint of the current step; returns its directory."""
         optimizer = self.optimizer
-        step = int(optimizer._iterations.numpy())
+        step = int(optimizer.iterations_variable.numpy())
         name = f"{_PREFIX}{step:012d}"
         final = self.directory / name
         partial = self.directory / f"{_PARTIAL}{name}"
@@ -158,26 +159,24 @@ class ShardedCheckpointManager:
 
     def _shard_arrays(self, shard: int) -> dict:
         optimizer = self.optimizer
-        position = self._local_shards.index(shard)
+        state = optimizer.sharded_state
         arrays = {}
-        for kind, variables in optimizer._shard_state.items():
-            for b, (bucket, variable) in enumerate(zip(optimizer.layout.buckets, variables)):
-                start, stop = bucket.shard_range(shard)
-                component = self._collectives.local_components(variable)[position][1]
-                arrays[f"{kind}/{b}"] = np.asarray(component)[: stop - start]
-        arrays["iterations"] = np.asarray(optimizer._iterations.numpy())
+        for kind in state.kinds:
+            for b in range(len(optimizer.layout.buckets)):
+                arrays[f"{kind}/{b}"] = state.read_shard(kind, b, shard)
+        arrays["iterations"] = np.asarray(optimizer.iterations_variable.numpy())
         return arrays
 
     def _manifest(self, step: int, files: dict) -> dict:
         optimizer = self.optimizer
-        learning_rate = getattr(optimizer, "_learning_rate", None)
+        learning_rate = optimizer.learning_rate
         return {
             "format": FORMAT_VERSION,
             "step": step,
             "num_shards": optimizer.num_shards,
             "skipped_steps": optimizer.skipped_steps,
-            "learning_rate_value": (float(learning_rate.numpy()) if hasattr(learning_rate, "numpy") else None),
-            "state_kinds": sorted(optimizer._shard_state),
+            "learning_rate_value": float(learning_rate.numpy()) if isinstance(learning_rate, keras.Variable) else None,
+            "state_kinds": sorted(optimizer.sharded_state.kinds),
             "buckets": [
                 {
                     "dtype": bucket.dtype,
@@ -245,10 +244,10 @@ class ShardedCheckpointManager:
             (b["dtype"], [s["shape"] for s in b["segments"]]) for b in theirs
         ]:
             raise CheckpointError("it was written for different trainable variables (shapes/dtypes/order)")
-        if set(manifest["state_kinds"]) != set(self.optimizer._shard_state):
+        if set(manifest["state_kinds"]) != set(self.optimizer.sharded_state.kinds):
             raise CheckpointError(
                 f"it holds state {manifest['state_kinds']}, this optimizer needs "
-                f"{sorted(self.optimizer._shard_state)} (amsgrad/use_ema/accumulation differ)"
+                f"{sorted(self.optimizer.sharded_state.kinds)} (amsgrad/use_ema/accumulation differ)"
             )
         return manifest
 
@@ -264,29 +263,28 @@ class ShardedCheckpointManager:
                 old_files[index] = np.load(path / f"shard-{index:05d}-of-{old_shards:05d}.npz")
             return old_files[index]
 
+        state = optimizer.sharded_state
         try:
-            for kind, variables in optimizer._shard_state.items():
-                for b, (bucket, variable) in enumerate(zip(optimizer.layout.buckets, variables)):
+            for kind in state.kinds:
+                for b, bucket in enumerate(optimizer.layout.buckets):
                     old_size = manifest["buckets"][b]["shard_size"]
-                    components = self._collectives.local_components(variable)
-                    for (_, component), shard in zip(components, self._local_shards):
+                    for shard in self._local_shards:
                         start, stop = bucket.shard_range(shard)
-                        values = np.zeros([bucket.shard_size], dtype=bucket.dtype)
+                        values = np.zeros([stop - start], dtype=bucket.dtype)
                         # Copy the overlap of [start, stop) with every old shard.
                         for old in range(start // old_size, -(-stop // old_size) if stop > start else 0):
                             old_start = old * old_size
                             lo, hi = max(start, old_start), min(stop, old_start + old_size)
                             piece = old_file(old)[f"{kind}/{b}"]
                             values[lo - start: hi - start] = piece[lo - old_start: hi - old_start]
-                        component.assign(values)
+                        state.write_shard(kind, b, shard, values)
         finally:
             for handle in old_files.values():
                 handle.close()
-        optimizer._iterations.assign(manifest["step"])
-        optimizer._skipped_steps.assign(manifest.get("skipped_steps", 0))
-        learning_rate = getattr(optimizer, "_learning_rate", None)
-        if manifest.get("learning_rate_value") is not None and hasattr(learning_rate, "assign"):
-            learning_rate.assign(manifest["learning_rate_value"])
+        optimizer.iterations_variable.assign(manifest["step"])
+        optimizer.skipped_steps = manifest.get("skipped_steps", 0)
+        if manifest.get("learning_rate_value") is not None and isinstance(optimizer.learning_rate, keras.Variable):
+            optimizer.learning_rate.assign(manifest["learning_rate_value"])
 
     def _barrier(self) -> None:
         if self._collectives.num_workers > 1:

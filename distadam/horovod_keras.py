@@ -102,7 +102,7 @@ def replicated_optimizer_variables(optimizer) -> list:
     """Optimizer variables that must be equal on every rank (iterations,
     learning rate, Adam's slots for an unsharded optimizer), excluding
     ShardedAdam's per-rank shards, which differ by design."""
-    from distadam.optimizer import ShardStateVariable
+    from distadam.state import ShardStateVariable
 
     return [v for v in optimizer.variables if not isinstance(v, ShardStateVariable)]
 

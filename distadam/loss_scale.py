@@ -23,7 +23,8 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             for g in grads
             if g is not None
         ])
-        collectives = getattr(self.inner_optimizer, "_collectives", None)
+        inner = self.inner_optimizer
+        collectives = inner.collectives if getattr(inner, "built", False) else None
         if collectives is not None and collectives.num_workers > 1:
             bad = collectives.all_reduce_sum(bad, name="loss_scale_nonfinite")
         return tf.equal(bad, 0.0)

@@ -14,6 +14,7 @@ variables' shapes and dtypes.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from typing import Sequence
 
@@ -84,6 +85,43 @@ class Layout:
     @property
     def num_variables(self) -> int:
         return sum(len(b.segments) for b in self.buckets)
+
+    def fingerprint(self) -> tuple:
+        """Two 8-bit hashes of the layout (dtypes, shard sizes, variable
+        shapes and order), each in 1..256. Small integers are exact in every
+        float dtype a bucket can have, bfloat16 included, so the fingerprint
+        can ride inside a gathered parameter bucket."""
+        description = repr([
+            (bucket.dtype, bucket.num_shards, bucket.shard_size, [seg.shape for seg in bucket.segments])
+            for bucket in self.buckets
+        ]).encode()
+        digest = hashlib.sha256(description).digest()
+        return digest[0] + 1, digest[1] + 1
+
+    def variable_shapes(self) -> list:
+        """Shape of every variable, by ``Segment.variable_index``."""
+        shapes = [None] * self.num_variables
+        for bucket in self.buckets:
+            for seg in bucket.segments:
+                shapes[seg.variable_index] = seg.shape
+        return shapes
+
+    def agreement_terms(self) -> list:
+        """[h, h*h] for each fingerprint hash. Summed over N workers they equal
+        N times this worker's terms on every worker exactly when all workers'
+        hashes are equal (zero variance). At most 2**16 per term, so a float64
+        sum is exact for any realistic N (up to 2**37 workers)."""
+        return [t for h in self.fingerprint() for t in (h, h * h)]
+
+    def agrees_with(self, summed_terms, num_workers: int) -> bool:
+        """Whether ``summed_terms`` (``agreement_terms`` summed over all
+        workers) shows every worker has this layout's fingerprint."""
+        expected = [num_workers * t for t in self.agreement_terms()]
+        return [float(t) for t in summed_terms] == [float(t) for t in expected]
+
+    def summary(self) -> list:
+        """(dtype, [variable shapes]) per bucket: what workers must agree on."""
+        return [(bucket.dtype, [seg.shape for seg in bucket.segments]) for bucket in self.buckets]
 
     def describe(self) -> list:
         """Human-readable ownership table: one dict per (bucket, shard)."""

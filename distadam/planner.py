@@ -31,7 +31,7 @@ ShardedAdam's sharded state is exact, not Ψ/N: each dtype bucket is padded to
 a multiple of N (and of ``shard_alignment``), so every state kind costs
 ceil(elements / N) elements per worker and bucket. The planner uses the same
 layout code as the optimizer (:func:`distadam.partition.plan_layout`), so its
-numbers equal ``ShardedAdam.state_bytes_per_replica()``.
+numbers equal ``ShardedAdam.state_bytes_per_device()``.
 
 Communication (bytes each worker sends per optimizer update, ring algorithms):
 
@@ -39,9 +39,16 @@ Communication (bytes each worker sends per optimizer update, ring algorithms):
   bound against which ZeRO is measured;
 * ZeRO-1 as in the paper: a reduce-scatter Ψ(N−1)/N plus an all-gather of
   the updated parameters Ψ(N−1)/N: the same 2Ψ(N−1)/N;
-* ShardedAdam as implemented by a backend whose reduce-scatter is an
-  all-reduce followed by a slice (TensorFlow's CPU collectives, which have no
-  reduce-scatter kernel, and the Horovod backend's default): 3Ψ(N−1)/N;
+* ShardedAdam reduce-scatters each bucket and all-gathers the updated
+  parameters: the ZeRO-1 bytes above, 2Ψ(N−1)/N, wherever the backend has a
+  ring-bound reduce-scatter. That is the case for the tf.distribute backend on
+  ``CollectiveAllReduce`` (the CPU default: an all-to-all plus a local sum, the
+  same bytes) and for the Horovod backend (``alltoall`` on CPU,
+  ``reducescatter`` on NCCL);
+* where the backend must emulate the reduce-scatter with an all-reduce
+  followed by a slice (tf.distribute's portable path: NCCL or TPU
+  cross-device ops, or ``DISTADAM_DIRECT_COLLECTIVES=0``), the reduce-scatter
+  costs an all-reduce: 3Ψ(N−1)/N in all;
 * with gradient accumulation over A micro-steps ShardedAdam reduce-scatters
   every micro-step (its accumulator is sharded) and all-gathers once per
   update. The data-parallel row assumes full local accumulators and one
@@ -50,8 +57,10 @@ Communication (bytes each worker sends per optimizer update, ring algorithms):
   ``cond`` contains the gradient all-reduce, a ``merge_call`` TensorFlow
   rejects inside control flow).
 
-ShardedAdam also issues one small all-reduce per step (a handful of scalars:
-non-finite check, layout fingerprint); it is left out of the byte counts.
+Collectives per step: one reduce-scatter and one all-gather per bucket; the
+non-finite verdict rides in the gathered parameters. Only norm clipping adds
+one small all-reduce (one scalar for ``global_clipnorm``, one per variable for
+``clipnorm``), left out of the byte counts.
 """
 
 from __future__ import annotations
@@ -97,7 +106,7 @@ class Plan:
 
     @property
     def sharded_state_bytes(self) -> int:
-        """Optimizer state per worker (what ``state_bytes_per_replica`` reports)."""
+        """Optimizer state per worker (what ``state_bytes_per_device`` reports)."""
         return sum(v for k, v in self.sharded.items() if k not in ("params", "grads"))
 
     @property
@@ -270,9 +279,9 @@ def render(p: Plan) -> str:
         f"  ring all-reduce bound 2Ψ(N-1)/N            {_fmt(c['allreduce_bound']):>12}",
         f"  keras Adam (DP all-reduce)                  {_fmt(c['adam_allreduce']):>12}",
         f"  ShardedAdam, native reduce-scatter (ZeRO-1) {_fmt(c['zero1_reduce_scatter_all_gather']):>12}"
-        "   (tf.distribute CollectiveAllReduce: all-to-all)",
+        "   (tf.distribute CollectiveAllReduce: all-to-all; Horovod)",
         f"  ShardedAdam, all-reduce + slice             {_fmt(c['sharded_allreduce_slice']):>12}"
-        "   (other tf.distribute cross-device ops; Horovod over Gloo)",
+        "   (tf.distribute portable path: NCCL/TPU cross-device ops)",
     ]
     return "\n".join(lines)
 

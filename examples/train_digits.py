@@ -266,8 +266,8 @@ def optimizer_state_report(optimizer, model) -> dict:
     (two float32 copies of every trainable weight on every replica)."""
     params = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     keras_adam_bytes = 2 * 4 * params
-    if hasattr(optimizer, "state_bytes_per_replica"):
-        per_device = optimizer.state_bytes_per_replica()
+    if hasattr(optimizer, "state_bytes_per_device"):
+        per_device = optimizer.state_bytes_per_device()
         per_replica = max(per_device.values())
     else:
         per_replica = keras_adam_bytes

@@ -98,7 +98,7 @@ def main(argv=None):
                         validation_data=(x_val, y_val), shuffle=True,
                         callbacks=callbacks, verbose=2 if rank == 0 else 0)
 
-    state = sum(optimizer.state_bytes_per_replica().values())
+    state = sum(optimizer.state_bytes_per_device().values())
     adam_bytes = 2 * sum(int(np.prod(v.shape)) * 4 for v in model.trainable_variables)
     if rank == 0:
         print(f"optimizer state on each of {size} ranks: {state} bytes "

@@ -75,9 +75,10 @@ from __future__ import annotations
 import itertools
 import os
 
+import numpy as np
 import tensorflow as tf
 
-from distadam.comm.base import Collectives, slice_own_shard
+from distadam.collectives.base import Collectives, slice_own_shard
 
 
 def _import_horovod():
@@ -193,17 +194,26 @@ class HorovodCollectives(Collectives):
             return shard
         return self._hvd.allgather(shard, name=self._op_name(name))
 
-    def gather_eagerly(self, tensors) -> list:
-        """All-gather a list of per-worker tensors outside any step (EMA
-        finalisation, consolidating state for a checkpoint): one grouped op.
-        A collective: every worker must call it at the same point."""
-        tensors = [tf.convert_to_tensor(t) for t in tensors]
-        if self._size == 1 or not tensors:
-            return tensors
+    def _eager_name(self, what):
         # Horovod matches ops across ranks by name, and eager ops have no graph
         # node name to borrow. A per-call name from a counter is identical on
         # every rank (all ranks make the same calls) and never collides with a
-        # gather still in flight from another thread or optimizer.
+        # collective still in flight from another thread or optimizer.
         self._eager_calls += 1
-        name = f"{self._name_prefix}.gather_eagerly_{self._eager_calls}"
-        return list(self._hvd.grouped_allgather(tensors, name=name))
+        return f"{self._name_prefix}.{what}_{self._eager_calls}"
+
+    def all_reduce_eagerly(self, values):
+        values = np.asarray(values)
+        if self._size == 1:
+            return values
+        name = self._eager_name("all_reduce_eagerly")
+        return np.asarray(self._hvd.allreduce(tf.constant(values), op=self._hvd.Sum, name=name))
+
+    def all_gather_eagerly(self, variables) -> list:
+        """All-gather per-rank variables outside any step (EMA finalisation,
+        consolidating state for a checkpoint): one grouped op."""
+        tensors = [tf.convert_to_tensor(getattr(v, "value", v)) for v in variables]
+        if self._size == 1 or not tensors:
+            return [np.asarray(t) for t in tensors]
+        gathered = self._hvd.grouped_allgather(tensors, name=self._eager_name("gather_eagerly"))
+        return [np.asarray(t) for t in gathered]

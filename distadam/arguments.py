@@ -1,0 +1,85 @@
+"""ShardedAdam's constructor contract, checked up front.
+
+Keras' Adam checks some arguments itself; these checks add what PyTorch's Adam
+rejects and Keras accepts silently (a negative learning rate, betas outside
+[0, 1), negative epsilon, weight decay or clip values, a non-bool ``amsgrad``,
+``ema_overwrite_frequency=0``), and the sharding-specific arguments. Every
+error names the argument.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+
+def require_real(name, value, *, low=None, high=None, high_open=False, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}: {value!r}")
+    if not np.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, got {name}={value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"`{name}` must be >= {low}, got {name}={value!r}")
+    if high is not None and (value >= high if high_open else value > high):
+        bound = f"< {high}" if high_open else f"<= {high}"
+        raise ValueError(f"`{name}` must be {bound}, got {name}={value!r}")
+
+
+def require_bool(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be a bool, got {type(value).__name__}: {value!r}")
+
+
+def require_positive_int(name, value, *, allow_none=False, minimum=1):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        expected = f"an integer >= {minimum}" + (" or None" if allow_none else "")
+        raise ValueError(f"`{name}` must be {expected}, got {name}={value!r}")
+
+
+def is_real_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_adam_arguments(
+    *, learning_rate, beta_1, beta_2, epsilon, amsgrad, weight_decay, clipnorm, clipvalue,
+    global_clipnorm, ema_momentum, ema_overwrite_frequency, loss_scale_factor,
+    gradient_accumulation_steps,
+):
+    """The arguments ``keras.optimizers.Adam`` takes."""
+    if is_real_number(learning_rate):  # else a schedule or a callable
+        require_real("learning_rate", learning_rate, low=0.0)
+    require_real("beta_1", beta_1, low=0.0, high=1.0, high_open=True)
+    require_real("beta_2", beta_2, low=0.0, high=1.0, high_open=True)
+    require_real("epsilon", epsilon, low=0.0)
+    require_bool("amsgrad", amsgrad)
+    require_real("weight_decay", weight_decay, low=0.0, allow_none=True)
+    for name, value in (("clipnorm", clipnorm), ("clipvalue", clipvalue), ("global_clipnorm", global_clipnorm)):
+        require_real(name, value, low=0.0, allow_none=True)
+    require_real("ema_momentum", ema_momentum, low=0.0, high=1.0)
+    require_positive_int("ema_overwrite_frequency", ema_overwrite_frequency, allow_none=True)
+    require_real("loss_scale_factor", loss_scale_factor, allow_none=True)
+    if loss_scale_factor is not None and loss_scale_factor <= 0:
+        raise ValueError(f"`loss_scale_factor` must be > 0, got loss_scale_factor={loss_scale_factor!r}")
+    if gradient_accumulation_steps is not None and (
+        isinstance(gradient_accumulation_steps, bool)
+        or not isinstance(gradient_accumulation_steps, numbers.Integral)
+    ):
+        # Keras itself rejects integers < 2 with its own message.
+        raise TypeError(
+            "`gradient_accumulation_steps` must be an integer >= 2 or None, got "
+            f"{gradient_accumulation_steps!r}"
+        )
+
+
+def check_sharding_arguments(*, backend, bucket_elements, shard_alignment, skip_nonfinite):
+    """The arguments ShardedAdam adds to Adam's."""
+    require_bool("skip_nonfinite", skip_nonfinite)
+    if not isinstance(backend, str):
+        raise TypeError(f"`backend` must be a string, got {backend!r}")
+    require_positive_int("bucket_elements", bucket_elements, allow_none=True)
+    require_positive_int("shard_alignment", shard_alignment)

@@ -1,0 +1,128 @@
+"""The interface every communication backend implements.
+
+A backend knows how the workers that share one sharded optimizer talk to each
+other; it never sees optimizer math or the partition. Two kinds of calls:
+
+* **In-step collectives**, called from inside one worker's traced step
+  (replica context under tf.distribute, the process itself under Horovod), on
+  flat tensors: :meth:`Collectives.reduce_scatter_sum`,
+  :meth:`Collectives.all_reduce_sum`, :meth:`Collectives.all_gather`. Every
+  call is counted in :attr:`Collectives.launches` while tracing, so a traced
+  step's collective count can be read back (the benchmarks check it).
+* **Eager calls**, from ordinary Python outside any step (building,
+  checkpointing, consolidating state): :meth:`Collectives.all_reduce_eagerly`
+  and :meth:`Collectives.all_gather_eagerly`, plus the bookkeeping of which
+  worker copies this process holds (:meth:`Collectives.local_worker_indices`,
+  :meth:`Collectives.local_components`).
+
+Vocabulary used throughout distadam: a *worker* is one participant holding one
+shard of the state (a replica under tf.distribute, a rank under Horovod); a
+*process* may hold several workers (MirroredStrategy over several devices).
+
+A new backend is one file: subclass :class:`Collectives`, implement the
+abstract methods, and register it with
+:func:`distadam.collectives.register_backend`.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+import tensorflow as tf
+
+
+class Collectives(abc.ABC):
+    """Collectives over the workers that share one sharded optimizer."""
+
+    #: short name used in errors and ``ShardedAdam(backend=...)``.
+    name = "abstract"
+
+    def __init__(self):
+        # Collective launches issued while tracing, by kind. A traced step
+        # launches exactly these on every execution; benchmarks read it.
+        self.launches = {"reduce_scatter": 0, "all_reduce": 0, "all_gather": 0}
+
+    # ------------------------------------------------------------ topology
+    @property
+    @abc.abstractmethod
+    def num_workers(self) -> int:
+        """Static number of workers (= shards)."""
+
+    @abc.abstractmethod
+    def worker_index(self) -> tf.Tensor:
+        """Inside a step: this worker's shard index as an int32 scalar tensor
+        (a constant where the backend knows it at trace time)."""
+
+    def local_worker_indices(self) -> list:
+        """Eagerly: the shard index of each worker this process holds, in
+        :meth:`local_components` order."""
+        return [int(self.worker_index())]
+
+    def local_components(self, variable) -> list:
+        """(device, tensor-like with ``assign``) for each copy of a per-worker
+        ``variable`` held by this process, in worker order."""
+        value = getattr(variable, "value", variable)
+        return [(value.device, value)]
+
+    def state_variable_options(self) -> dict:
+        """Keras ``Variable`` options that give every worker its own copy of
+        a state variable (e.g. ON_READ under a strategy)."""
+        return {}
+
+    # ---------------------------------------------------- in-step collectives
+    # ``name`` identifies the collective within a step: unique among the
+    # step's collectives and identical on every worker. Backends that match
+    # collectives across processes by name (Horovod) need it; the others may
+    # use it for op names only.
+
+    def reduce_scatter_sum(self, flat: tf.Tensor, name: str | None = None) -> tf.Tensor:
+        """Sum ``flat`` (shape [num_workers * S]) over workers; return this
+        worker's slice [index * S, (index + 1) * S) of the sum. (A backend
+        whose framework does not scale the loss by 1/N averages instead: see
+        the Horovod backend.)"""
+        self.launches["reduce_scatter"] += 1
+        return self._reduce_scatter_sum(flat, name)
+
+    def all_reduce_sum(self, values: tf.Tensor, name: str | None = None) -> tf.Tensor:
+        """Elementwise sum of ``values`` over workers (exact, never averaged)."""
+        self.launches["all_reduce"] += 1
+        return self._all_reduce_sum(values, name)
+
+    def all_gather(self, shard: tf.Tensor, name: str | None = None) -> tf.Tensor:
+        """Concatenate every worker's ``shard`` (shape [S]) in worker order."""
+        self.launches["all_gather"] += 1
+        return self._all_gather(shard, name)
+
+    @abc.abstractmethod
+    def _reduce_scatter_sum(self, flat, name): ...
+
+    @abc.abstractmethod
+    def _all_reduce_sum(self, values, name): ...
+
+    @abc.abstractmethod
+    def _all_gather(self, shard, name): ...
+
+    def assign_replicated(self, variables, values) -> None:
+        """Inside a step: write ``values``, identical on every worker, into the
+        replicated model ``variables`` (no communication)."""
+        for variable, value in zip(variables, values):
+            variable.assign(value)
+
+    # ----------------------------------------------------------- eager calls
+    @abc.abstractmethod
+    def all_reduce_eagerly(self, values) -> np.ndarray:
+        """Outside any step: sum a small numpy array over workers (each local
+        worker contributes ``values``). A collective: every process calls it
+        at the same point."""
+
+    @abc.abstractmethod
+    def all_gather_eagerly(self, variables) -> list:
+        """Outside any step: for each per-worker variable, the concatenation
+        of every worker's copy in worker order, as a numpy array. A
+        collective: every process calls it with the same variables."""
+
+
+def slice_own_shard(flat: tf.Tensor, num_workers: int, index: tf.Tensor) -> tf.Tensor:
+    """Row ``index`` of ``flat`` viewed as [num_workers, S] (XLA-friendly gather)."""
+    return tf.gather(tf.reshape(flat, [num_workers, -1]), index)

@@ -1,0 +1,179 @@
+"""The optimizer's sharded state: for each state kind (``momentum``,
+``velocity``, ``velocity_hat``, ``average``, ``accumulator`` — Keras' names
+for Adam's m, v, v_hat, the EMA weights and the gradient accumulators) one
+per-worker variable per bucket, each worker's copy holding its own shard.
+
+:class:`ShardedState` owns those variables and every eager operation on them:
+reading and writing one shard (checkpoints), gathering all shards into
+per-variable arrays (consolidation, ``save_own_variables``, EMA finalisation),
+loading per-variable arrays back (each worker keeps its shard), and counting
+the bytes actually allocated per device. Like PyTorch's
+``ZeroRedundancyOptimizer.consolidate_state_dict``, the gather is a
+collective: every worker calls it at the same point.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from distadam.collectives import Collectives
+from distadam.partition import Layout
+
+
+class ShardStateVariable(keras.Variable):
+    """A Keras variable holding one worker's shard of a bucket's state.
+
+    In TF checkpoints every local shard is saved under a key naming its element
+    range, so per-worker values survive (a plain ON_READ variable saves one
+    aggregated value, or refuses to save at all) and a multi-process worker
+    writes only what it owns. Restoring needs the same ranges, i.e. the same
+    worker count; a range that is not in the checkpoint is reported by TF as a
+    missing key. Change the worker count through ``model.save`` /
+    ``save_weights`` (plain Adam layout) or ``distadam.checkpoint``.
+    """
+
+    def bind_shards(self, bucket, collectives):
+        self._bucket = bucket
+        self._collectives = collectives
+
+    def _local_slices(self):
+        bucket = self._bucket
+        components = self._collectives.local_components(self)
+        for (_, component), shard in zip(components, self._collectives.local_worker_indices()):
+            start, stop = bucket.shard_range(shard)
+            key = f"ELEMENTS_{start}_{stop}_OF_{bucket.num_elements}"
+            yield component, key, stop - start
+
+    def _serialize_to_tensors(self):
+        return {key: component.read_value() for component, key, _ in self._local_slices()}
+
+    def _restore_from_tensors(self, restored_tensors):
+        return tf.group([
+            component.assign(restored_tensors[key]) for component, key, _ in self._local_slices()
+        ])
+
+
+class ShardedState:
+    """State variables of every kind for every bucket of ``layout``.
+
+    Args:
+        layout: the partition the shards follow.
+        collectives: the backend that tells which workers this process holds
+            and gathers across workers.
+        kinds: state kinds, in the order they are created.
+        create_variable: ``(name, shape, dtype, options) -> keras.Variable``;
+            the optimizer creates (and tracks) the variables in its own scope.
+    """
+
+    def __init__(self, layout: Layout, collectives: Collectives, kinds, create_variable):
+        self.layout = layout
+        self.collectives = collectives
+        self.kinds = tuple(kinds)
+        options = collectives.state_variable_options()
+        self._variables = {kind: [] for kind in self.kinds}
+        for b, bucket in enumerate(layout.buckets):
+            for kind in self.kinds:
+                variable = create_variable(
+                    f"bucket{b}_{bucket.dtype}_{kind}_shard", (bucket.shard_size,), bucket.dtype, options
+                )
+                variable.bind_shards(bucket, collectives)
+                self._variables[kind].append(variable)
+
+    def __contains__(self, kind) -> bool:
+        return kind in self._variables
+
+    def variables(self, kind) -> list:
+        """One :class:`ShardStateVariable` per bucket."""
+        self._check_kind(kind)
+        return list(self._variables[kind])
+
+    def all_variables(self) -> list:
+        return [v for kind in self.kinds for v in self._variables[kind]]
+
+    @property
+    def local_shards(self) -> list:
+        """Shard index of each worker this process holds."""
+        return self.collectives.local_worker_indices()
+
+    # ------------------------------------------------------------ one shard
+    def read_shard(self, kind, bucket_index: int, shard: int) -> np.ndarray:
+        """The real (non-padding) elements of ``shard`` of one bucket's state;
+        ``shard`` must be held by this process."""
+        bucket = self.layout.buckets[bucket_index]
+        start, stop = bucket.shard_range(shard)
+        return np.asarray(self._component(kind, bucket_index, shard))[: stop - start]
+
+    def write_shard(self, kind, bucket_index: int, shard: int, values) -> None:
+        """Set ``shard`` of one bucket's state from its real elements (padding
+        becomes zero)."""
+        bucket = self.layout.buckets[bucket_index]
+        start, stop = bucket.shard_range(shard)
+        values = np.asarray(values)
+        if values.shape != (stop - start,):
+            raise ValueError(
+                f"{kind} shard {shard} of bucket {bucket_index} holds {stop - start} elements, "
+                f"got an array of shape {values.shape}"
+            )
+        padded = np.zeros([bucket.shard_size], dtype=bucket.dtype)
+        padded[: stop - start] = values
+        self._component(kind, bucket_index, shard).assign(padded)
+
+    # ------------------------------------------------------------ all shards
+    def gather(self, kind) -> list:
+        """Full (unsharded) values of ``kind``: one numpy array per trainable
+        variable, in build order. A collective: every process calls it."""
+        self._check_kind(kind)
+        flats = self.collectives.all_gather_eagerly(self._variables[kind])
+        result = [None] * self.layout.num_variables
+        for bucket, flat in zip(self.layout.buckets, flats):
+            flat = np.asarray(flat)
+            if flat.shape != (bucket.padded_size,):
+                raise RuntimeError(
+                    f"backend {self.collectives.name!r} gathered shape {flat.shape} for a bucket "
+                    f"of {bucket.padded_size} elements"
+                )
+            for seg in bucket.segments:
+                result[seg.variable_index] = flat[seg.offset: seg.end].reshape(seg.shape)
+        return result
+
+    def load_full(self, kind, values_by_index) -> None:
+        """Set ``kind`` from full per-variable arrays (``{variable_index:
+        array}`` or a list in build order); each local worker keeps its shard."""
+        self._check_kind(kind)
+        for b, bucket in enumerate(self.layout.buckets):
+            flat = np.zeros([bucket.padded_size], dtype=bucket.dtype)
+            for seg in bucket.segments:
+                value = np.asarray(values_by_index[seg.variable_index])
+                if value.size != seg.size:
+                    raise ValueError(
+                        f"{kind} for {seg.name} has {value.size} elements, expected {seg.size} {seg.shape}"
+                    )
+                flat[seg.offset: seg.end] = value.reshape([-1])
+            shards = flat.reshape(bucket.num_shards, bucket.shard_size)
+            for shard in self.local_shards:
+                self._component(kind, b, shard).assign(shards[shard])
+
+    def bytes_per_device(self) -> dict:
+        """Bytes allocated on each local device, summed from the actual
+        variable copies (not computed from a formula)."""
+        totals = {}
+        for variable in self.all_variables():
+            for device, component in self.collectives.local_components(variable):
+                nbytes = int(np.prod(component.shape)) * component.dtype.size
+                totals[device] = totals.get(device, 0) + nbytes
+        return totals
+
+    # -------------------------------------------------------------- helpers
+    def _component(self, kind, bucket_index, shard):
+        self._check_kind(kind)
+        local = self.local_shards
+        if shard not in local:
+            raise ValueError(f"shard {shard} is not held by this process (it holds {local})")
+        variable = self._variables[kind][bucket_index]
+        return self.collectives.local_components(variable)[local.index(shard)][1]
+
+    def _check_kind(self, kind):
+        if kind not in self._variables:
+            raise ValueError(f"No {kind!r} state; this optimizer has {list(self.kinds)}")
