@@ -9,6 +9,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS = ROOT / "tests" / "workers"
+# Tests share the workers' model, data and reference optimizer (common.py).
+sys.path.insert(0, str(WORKERS))
 
 
 def worker_env(**extra):

@@ -3,13 +3,15 @@
 
 import copy
 import inspect
+import json
+from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import distadam
+import common
 from distadam import ShardedAdam, plan_layout
 
 
@@ -86,7 +88,7 @@ def test_config_round_trip_with_schedule():
 
 def test_introspection_requires_build():
     with pytest.raises(ValueError, match="built"):
-        ShardedAdam().state_bytes_per_replica()
+        ShardedAdam().state_bytes_per_device()
 
 
 def test_single_worker_is_plain_adam_step_by_step():
@@ -102,7 +104,7 @@ def test_single_worker_is_plain_adam_step_by_step():
     for x, y in zip(ours, theirs):
         np.testing.assert_array_equal(x.numpy(), y.numpy())
     assert a.num_shards == 1
-    assert sum(a.state_bytes_per_replica().values()) == 2 * 4 * sum(int(np.prod(s)) for s in shapes)
+    assert sum(a.state_bytes_per_device().values()) == 2 * 4 * sum(int(np.prod(s)) for s in shapes)
 
 
 def test_missing_gradient_leaves_variable_and_state_untouched():
@@ -182,11 +184,6 @@ def test_saved_state_is_plain_adam_state(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_public_api():
-    assert distadam.ShardedAdam is ShardedAdam
-    assert distadam.__version__
-
-
 def test_jit_compiled_step_matches_adam():
     """The step is XLA-compilable (no host round-trips, static shapes)."""
     def train(optimizer):
@@ -197,7 +194,67 @@ def test_jit_compiled_step_matches_adam():
         model.fit(rng.normal(size=(96, 6)), rng.normal(size=(96, 2)), batch_size=8, shuffle=False, verbose=0)
         return model.get_weights()
 
-    ours = train(ShardedAdam(learning_rate=0.01, global_clipnorm=0.1, weight_decay=0.01))
-    theirs = train(keras.optimizers.Adam(learning_rate=0.01, global_clipnorm=0.1, weight_decay=0.01))
+    ours = train(ShardedAdam(learning_rate=0.01, global_clipnorm=1.5, weight_decay=0.01))
+    reference = common.DenseGradientAdam(learning_rate=0.01, global_clipnorm=1.5, weight_decay=0.01)
+    theirs = train(reference)
+    clipped, updates = reference.clipped_updates()
+    assert 0 < clipped < updates, "clipping must mix clipped and unclipped updates"
     for a, b in zip(ours, theirs):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _trained_model_file(tmp_path, **optimizer_kwargs):
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(1)])
+    model.compile(optimizer=ShardedAdam(learning_rate=0.01, **optimizer_kwargs), loss="mse")
+    x, y = np.random.default_rng(0).normal(size=(64, 4)), np.random.default_rng(1).normal(size=(64, 1))
+    model.fit(x[:32], y[:32], batch_size=8, shuffle=False, verbose=0)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    return model, path, (x, y)
+
+
+def test_distadam_model_loads_into_plain_adam_in_one_line(tmp_path):
+    from distadam.keras_format import load_model_as_adam
+
+    model, path, (x, y) = _trained_model_file(tmp_path, bucket_elements=7, amsgrad=True)
+    plain = load_model_as_adam(path)
+    assert type(plain.optimizer) is keras.optimizers.Adam
+    # Only for that load: distadam's own registration is back.
+    assert keras.saving.get_registered_object("distadam>ShardedAdam") is ShardedAdam
+    assert type(keras.saving.load_model(path).optimizer) is ShardedAdam
+    assert plain.optimizer.amsgrad is True
+    assert int(plain.optimizer.iterations.numpy()) == int(model.optimizer.iterations.numpy()) == 4
+    model.fit(x[32:], y[32:], batch_size=8, shuffle=False, verbose=0)
+    plain.fit(x[32:], y[32:], batch_size=8, shuffle=False, verbose=0)
+    for a, b in zip(model.get_weights(), plain.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_distadam_model_loads_without_distadam_installed(tmp_path):
+    """The README's snippet, in a process where `import distadam` fails."""
+    import subprocess
+    import sys
+
+    model, path, _ = _trained_model_file(tmp_path, shard_alignment=4)
+    expected = model.optimizer.gather_full_state("momentum")[0]  # the first kernel's m
+    script = f"""
+import sys
+sys.modules["distadam"] = None  # as if distadam were not installed
+import json, keras
+adam_keys = keras.optimizers.Adam().get_config()
+as_adam = type("AsAdam", (), {{"from_config": staticmethod(lambda c: keras.optimizers.Adam.from_config(
+    {{k: v for k, v in c.items() if k in adam_keys}}))}})
+model = keras.saving.load_model({str(path)!r}, custom_objects={{"distadam>ShardedAdam": as_adam}})
+print("RESULT", json.dumps([type(model.optimizer).__name__, int(model.optimizer.iterations.numpy()),
+      model.optimizer.variables[2].numpy().tolist()]))  # Adam: [iteration, learning_rate, m0, ...]
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    name, iterations, momentum = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert (name, iterations) == ("Adam", 4)
+    np.testing.assert_array_equal(np.asarray(momentum), np.asarray(expected))
+    # The same snippet is what the README documents.
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert 'custom_objects={"distadam>ShardedAdam": as_adam}' in readme

@@ -83,7 +83,7 @@ def test_corrupted_latest_checkpoint_falls_back_to_previous(tmp_path):
     weights_at_first = model.get_weights()
     for v in model.trainable_variables:
         v.assign(v + 1.0)
-    optimizer._iterations.assign_add(5)
+    optimizer.iterations_variable.assign_add(5)
     latest = manager.save()
     shard = next(latest.glob("shard-*.npz"))
     shard.write_bytes(shard.read_bytes()[:-7] + b"garbage")

@@ -14,7 +14,8 @@ TOLERANCE = 1e-5
 @pytest.mark.parametrize(
     "case",
     [
-        {"name": "global_clipnorm_schedule", "kwargs": {"global_clipnorm": 0.05},
+        # Clips 17 of the 30 updates (a mix, so a gradient-scale bug shows).
+        {"name": "global_clipnorm_schedule", "kwargs": {"global_clipnorm": 0.6},
          "schedule": {"initial_learning_rate": 0.01, "decay_steps": 10, "decay_rate": 0.5, "staircase": True}},
     ],
     ids=lambda c: c["name"],
@@ -39,6 +40,8 @@ def test_two_workers_match_single_process(tmp_path, case):
     for i in range(n_weights):
         ours, ref = results[0][f"w{i}"], results[0][f"ref{i}"]
         assert np.max(np.abs(ours - ref)) <= TOLERANCE * max(np.max(np.abs(ref)), 1e-12)
+    clipped, updates = results[0]["clipped_updates"]
+    assert 0 < clipped < updates == 30, "clipping must mix clipped and unclipped updates"
     for result in results:
         assert int(result["iterations"]) == 30
         assert int(result["state_bytes"]) <= int(results[0]["reference_state_bytes"]) / workers + 2 * 4 * workers

@@ -53,9 +53,9 @@ for case in cases:
         "reference_moved": moved,
         "iterations": int(opt.iterations.numpy()),
         "reference_iterations": int(reference_opt.iterations.numpy()),
-        "clipping_triggered": common.clipping_triggered(case, data),
-        "state_bytes_per_replica": opt.state_bytes_per_replica(),
-        "direct_collectives": bool(getattr(opt._collectives, "uses_direct_collectives", False)),
+        "clipped_updates": reference_opt.clipped_updates(),
+        "state_bytes_per_device": opt.state_bytes_per_device(),
+        "direct_collectives": opt.collectives.uses_direct_collectives,
         "reference_state_bytes": int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize
                                          for v in reference_opt.variables
                                          if v.name not in ("iteration", "learning_rate"))),

@@ -26,7 +26,7 @@ import tensorflow as tf  # noqa: E402
 
 import distadam  # noqa: E402
 from distadam import horovod_keras  # noqa: E402
-from distadam.comm.horovod import HorovodCollectives  # noqa: E402
+from distadam.collectives.horovod import HorovodCollectives  # noqa: E402
 
 hvd.init()
 # Up to 3 ranks share 2 cores: one compute thread each avoids thrashing.
@@ -107,7 +107,7 @@ def reference(case, data, steps):
     common.train_custom_loop(tf.distribute.get_strategy(), model, optimizer, data, steps)
     state_bytes = int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in optimizer.variables
                           if v.name not in ("iteration", "learning_rate")))
-    return model.get_weights(), state_bytes
+    return model.get_weights(), state_bytes, optimizer.clipped_updates()
 
 
 cases = json.loads(sys.argv[1])
@@ -144,29 +144,29 @@ for index, case in enumerate(cases):
     everyone = hvd.allgather(tf.constant(flat[None]), name=f"weights_{index}").numpy()
     iterations = hvd.allgather(tf.reshape(tf.cast(optimizer.iterations, tf.int64), [1]),
                                name=f"iterations_{index}").numpy()
-    state = optimizer.state_bytes_per_replica()
+    state = optimizer.state_bytes_per_device()
     state_bytes = hvd.allgather(tf.constant([sum(state.values())], tf.int64),
                                 name=f"state_{index}").numpy()
     if rank != 0:
         continue
-    ref_weights, ref_state_bytes = reference(case, data, steps)
+    ref_weights, ref_state_bytes, clipped_updates = reference(case, data, steps)
     result = {
         "case": case["name"],
         "mode": "fit" if fit else "custom",
         "workers": size,
-        "backend": type(optimizer._collectives).__name__,
-        "reduce_scatter": getattr(optimizer._collectives, "reduce_scatter_mode", None),
+        "backend": type(optimizer.collectives).__name__,
+        "reduce_scatter": getattr(optimizer.collectives, "reduce_scatter_mode", None),
         "max_rel_diff": common.max_relative_difference(model.get_weights(), ref_weights),
         "reference_moved": common.max_relative_difference(common.make_model().get_weights(), ref_weights),
         "ranks_identical": bool(np.all(everyone == everyone[0])),
         "iterations": [int(i) for i in iterations],
-        "clipping_triggered": common.clipping_triggered(case, data),
+        "clipped_updates": clipped_updates,
         "state_bytes_per_rank": [int(b) for b in state_bytes],
         "reference_state_bytes": ref_state_bytes,
-        "state_kinds": len(optimizer._shard_state),
+        "state_kinds": len(optimizer.sharded_state.kinds),
         "buckets": len(optimizer.layout.buckets),
-        "launches": dict(optimizer._collectives.launches),
+        "launches": dict(optimizer.collectives.launches),
         **extra,
     }
-    assert isinstance(optimizer._collectives, HorovodCollectives)
+    assert isinstance(optimizer.collectives, HorovodCollectives)
     emit(result, rank)

@@ -74,12 +74,12 @@ for case in json.loads(sys.argv[1]):
         "workers": size,
         "tf_config": tf_config,
         "strategy": type(strategy).__name__,
-        "backend": type(optimizer._collectives).__name__,
+        "backend": type(optimizer.collectives).__name__,
         "max_rel_diff": common.max_relative_difference(model.get_weights(), ref_model.get_weights()),
         "iterations": int(optimizer.iterations.numpy()),
-        "state_bytes": int(sum(optimizer.state_bytes_per_replica().values())),
+        "state_bytes": int(sum(optimizer.state_bytes_per_device().values())),
         "reference_state_bytes": int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize
                                          for v in ref_opt.variables
                                          if v.name not in ("iteration", "learning_rate"))),
-        "clipping_triggered": common.clipping_triggered(case, data),
+        "clipped_updates": ref_opt.clipped_updates(),
     }, rank)

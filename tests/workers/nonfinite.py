@@ -84,7 +84,7 @@ for batch in batches:
     after = replica_values()
     step_counter.assign_add(1)
     history.append({
-        "iterations": int(sharded._iterations.numpy()),
+        "iterations": int(sharded.iterations_variable.numpy()),
         "unchanged": all(np.array_equal(a[0], b[0]) for a, b in zip(before, after)),
         "replicas_identical": all(all(np.array_equal(c, comps[0]) for c in comps) for comps in after),
         "finite": all(np.all(np.isfinite(c)) for comps in after for c in comps),
@@ -101,6 +101,6 @@ difference = max(float(np.max(np.abs(np.asarray(a.value) - np.asarray(b.value)))
                  for a, b in zip(model.trainable_variables, clean_model.trainable_variables))
 print("RESULT " + json.dumps({"history": history, "skipped": sharded.skipped_steps,
                               "poison_step": POISON_STEPS[0], "poison_steps": POISON_STEPS,
-                              "raw_iterations": int(sharded._iterations.numpy()),
-                              "clean_raw_iterations": int(clean_sharded._iterations.numpy()),
+                              "raw_iterations": int(sharded.iterations_variable.numpy()),
+                              "clean_raw_iterations": int(clean_sharded.iterations_variable.numpy()),
                               "max_difference_to_clean_run": difference}), flush=True)
