@@ -35,6 +35,93 @@ MODELS = {
 }
 
 
+def _embedding_model(vocab=200_000, dim=32, ids=16):
+    def make():
+        import keras
+
+        keras.utils.set_random_seed(0)
+        tokens = keras.Input((ids,), dtype="int32")
+        x = keras.layers.Embedding(vocab, dim, name="table")(tokens)
+        x = keras.layers.GlobalAveragePooling1D()(x)
+        x = keras.layers.Dense(64, activation="relu")(x)
+        return keras.Model(tokens, keras.layers.Dense(8)(x))
+    return make
+
+
+def _transformer_model(length=64, d=128, heads=4, hidden=512):
+    def make():
+        import keras
+
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((length, d))
+        x = keras.layers.LayerNormalization()(inputs)
+        x = keras.layers.MultiHeadAttention(heads, d // heads)(x, x)
+        x = keras.layers.Add()([inputs, x])
+        y = keras.layers.LayerNormalization()(x)
+        y = keras.layers.Dense(hidden, activation="gelu")(y)
+        y = keras.layers.Dense(d)(y)
+        return keras.Model(inputs, keras.layers.Add()([x, y]))
+    return make
+
+
+# The multi-process benchmark's models (per-worker batch): what decides speed
+# when every worker has its own device.
+MULTIPROCESS_MODELS = {
+    # MLP 64-1024-1024-1024-256, 2.4M params, 2 examples: the update and the
+    # gradient/parameter traffic dominate.
+    "dense_update_bound": {"make": lambda: mlp(64, [1024, 1024, 1024, 256]), "batch": 2,
+                           "x": ("float", (64,)), "y": (256,)},
+    # MLP 64-512-256-256-16, 0.23M params, 256 examples: the matmuls dominate.
+    "dense_compute_bound": {"make": lambda: mlp(64, [512, 256, 256, 16]), "batch": 256,
+                            "x": ("float", (64,)), "y": (16,)},
+    # Embedding(200k, 32) -> mean of 16 ids -> Dense 64 -> 8: a table whose
+    # gradient is a few rows (tf.IndexedSlices).
+    "embedding": {"make": _embedding_model(), "batch": 32, "x": ("ids", (16,), 200_000), "y": (8,)},
+    # One pre-norm Transformer block (4-head attention + MLP, LayerNorms),
+    # d=128, length 64.
+    "transformer": {"make": _transformer_model(), "batch": 8, "x": ("float", (64, 128)), "y": (64, 128)},
+}
+
+
+def multiprocess_batch(strategy, spec, rank):
+    """This worker's own (x, y) batch for ``spec``, on its device."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(rank)
+    batch = spec["batch"]
+    kind, shape = spec["x"][0], spec["x"][1]
+    if kind == "ids":
+        x = rng.integers(0, spec["x"][2], size=(batch,) + shape).astype("int32")
+    else:
+        x = rng.normal(size=(batch,) + shape).astype("float32")
+    y = rng.normal(size=(batch,) + spec["y"]).astype("float32")
+    return strategy.experimental_distribute_values_from_function(lambda ctx: (tf.constant(x), tf.constant(y)))
+
+
+def multiprocess_step(strategy, model, optimizer, global_batch):
+    """One training step (custom loop, loss averaged over the global batch);
+    ``optimizer=None`` computes the gradients and consumes them, nothing else."""
+    import tensorflow as tf
+
+    @tf.function
+    def step(x, y):
+        def replica_fn(x, y):
+            with tf.GradientTape() as tape:
+                error = tf.reshape(model(x, training=True) - y, [tf.shape(y)[0], -1])
+                loss = tf.nn.compute_average_loss(tf.reduce_mean(tf.square(error), axis=1),
+                                                  global_batch_size=global_batch)
+            grads = tape.gradient(loss, model.trainable_variables)
+            if optimizer is None:
+                # Consume every gradient so none of the backward pass is pruned.
+                return loss + tf.add_n([tf.reduce_sum(tf.convert_to_tensor(g)) for g in grads]) * 0.0
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return loss
+
+        return strategy.run(replica_fn, args=(x, y))
+
+    return step
+
+
 def use_logical_cpus(count: int) -> None:
     import tensorflow as tf
 
@@ -194,7 +281,8 @@ class CallRecorder:
     implementation methods on the instance (the public methods keep counting
     ``launches``)."""
 
-    METHODS = {"_reduce_scatter_sum": "reduce_scatter", "_all_reduce_sum": "all_reduce", "_all_gather": "all_gather"}
+    METHODS = {"_reduce_scatter_sum": "reduce_scatter", "_all_reduce_sum": "all_reduce", "_all_gather": "all_gather",
+               "_all_gather_rows": "all_gather"}
 
     def __init__(self, collectives):
         self.calls = []

@@ -117,6 +117,68 @@ def timing_rows(results):
     return rows
 
 
+MODEL_LABELS = {
+    "dense_update_bound": "dense, update-bound (MLP 2.4M params, batch 2)",
+    "dense_compute_bound": "dense, compute-bound (MLP 0.23M params, batch 256)",
+    "embedding": "embedding, sparse gradients (200k x 32 table, batch 32 x 16 ids)",
+    "transformer": "Transformer block (attention + MLP + LayerNorm, 0.2M params, batch 8 x 64)",
+}
+VARIANT_LABELS = {"sharded": "default", "sharded_replicated_table": "table replicated (`replicate=[\"table\"]`)"}
+
+
+def multiprocess_rows(results):
+    """One row per (model, ShardedAdam variant): the step-time ratio to Keras
+    Adam for each process count, state bytes and bytes per step."""
+    runs = results.get("multiprocess") or {}
+    rows = {}
+    for n_key, run in sorted(runs.items(), key=lambda kv: int(kv[0])):
+        for model, entry in run["models"].items():
+            adam = entry["optimizers"]["adam"]
+            for variant, ratio in entry["ratios"].items():
+                info = entry["optimizers"][variant]
+                row = rows.setdefault((model, variant), {
+                    "model": model, "variant": variant, "params": info["params"], "by_workers": {}})
+                row["by_workers"][int(n_key)] = {
+                    "ratio": ratio["median"], "q25": ratio["q25"], "q75": ratio["q75"],
+                    "sharded_ms": 1e3 * entry["times"][variant]["median_s"],
+                    "adam_ms": 1e3 * entry["times"]["adam"]["median_s"],
+                    "state_ratio": info["state_bytes"] / adam["state_bytes"],
+                    "state_bytes": info["state_bytes"], "adam_state_bytes": adam["state_bytes"],
+                    "bytes_sent": info["bytes_sent_per_step"], "adam_bytes_sent": adam["bytes_sent_per_step"],
+                }
+    return list(rows.values())
+
+
+def multiprocess_markdown(results) -> list:
+    rows = multiprocess_rows(results)
+    if not rows:
+        return []
+    workers = sorted({n for r in rows for n in r["by_workers"]})
+    head = " | ".join(f"{n} processes" for n in workers)
+    lines = ["**Step time ShardedAdam / Keras Adam, one process per worker** (MultiWorkerMirroredStrategy "
+             "through `distadam launch`, one compute thread per worker, both optimizers on the same strategy, "
+             "model and data; median of the per-repetition ratio of interleaved blocks [q25, q75])", "",
+             f"| model | ShardedAdam | {head} |", "|---|---|" + "---|" * len(workers)]
+    for r in rows:
+        cells = []
+        for n in workers:
+            w = r["by_workers"].get(n)
+            cells.append(f"**{w['ratio']:.3f}** [{w['q25']:.3f}, {w['q75']:.3f}]" if w else "-")
+        lines.append(f"| {MODEL_LABELS.get(r['model'], r['model'])} | {VARIANT_LABELS.get(r['variant'], r['variant'])} "
+                     f"| {' | '.join(cells)} |")
+    lines += ["", "Memory and communication per worker for the same runs (optimizer state read from the "
+              "variables; bytes sent per step from the collectives traced in one step, ring cost model):", "",
+              "| model | ShardedAdam | processes | state ShardedAdam / Adam | bytes sent / step: ShardedAdam | Keras Adam |",
+              "|---|---|---|---|---|---|"]
+    for r in rows:
+        for n, w in sorted(r["by_workers"].items()):
+            lines.append(f"| {r['model']} | {VARIANT_LABELS.get(r['variant'], r['variant'])} | {n} | "
+                         f"{_mb(w['state_bytes'])} / {_mb(w['adam_state_bytes'])} = {w['state_ratio']:.3f} | "
+                         f"{_mb(w['bytes_sent'])} | {_mb(w['adam_bytes_sent'])} |")
+    lines.append("")
+    return lines
+
+
 # -------------------------------------------------------------------- tables
 def _mb(nbytes):
     return f"{nbytes / 1e6:.2f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.1f} kB"
@@ -131,12 +193,12 @@ def machine_line(results):
                 f"{m.get('loadavg_1min_end', float('nan')):.1f} at the end (other jobs share the machine).")
     return (f"Measured {m['date_utc']} on {m['nproc']} CPU cores ({m['cpu_model']}), {versions}, "
             f"Python {m['python']}, commit {m.get('git_commit') or '?'}; run mode `{results['mode']}`, "
-            f"{results['elapsed_s']:.0f} s. Logical CPU devices share the cores, so N>1 on this machine "
-            f"measures overheads and ratios, not scaling.{load}")
+            f"{results['elapsed_s']:.0f} s.{load}")
 
 
 def markdown(results) -> str:
     lines = [machine_line(results), ""]
+    lines += multiprocess_markdown(results)
 
     mem = memory_rows(results)
     if mem:
@@ -163,8 +225,11 @@ def markdown(results) -> str:
 
     timing = timing_rows(results)
     if timing:
-        lines += ["**Step time, ShardedAdam / baseline** (same strategy, model and data; median over "
-                  "interleaved A/B repetitions of the per-repetition ratio of median step times, [q25, q75])", "",
+        lines += ["**The cost of redundant updates on one host** (MirroredStrategy over N logical CPU devices "
+                  "sharing 2 cores, and horovodrun: step time ShardedAdam / baseline; median over interleaved A/B "
+                  "repetitions [q25, q75]). With logical devices Keras Adam's N redundant updates run one after "
+                  "another on the same cores, which a cluster of N devices would not do: these rows show what "
+                  "sharding saves in work, not cluster speed.", "",
                   "| set-up | model | baseline | ShardedAdam ms | baseline ms | ratio [IQR] |",
                   "|---|---|---|---|---|---|"]
         for r in timing:
@@ -201,34 +266,23 @@ def markdown(results) -> str:
 
 
 def profile_markdown(profile) -> str:
-    """Table of profile_step.py's variants: time ratios, launches and bytes."""
-    n = profile["replicas"]
-    lines = [f"**Hot-path prototypes, N={n}, {profile['model']}** (`benchmarks/profile_step.py`; ratios are "
-             "median [q25, q75] over interleaved repetitions; prototypes verified against ShardedAdam's weights)", "",
-             "| variant | step ms | / keras Adam | / ShardedAdam | launches/step | bytes / bound |",
-             "|---|---|---|---|---|---|"]
+    """profile_step.py's output: step times and where one worker's time goes."""
+    baseline = next(k for k in profile if k.startswith("ratio_to_"))
+    lines = [f"**Profile, {profile['workers']} processes, {profile['model']}** (`benchmarks/profile_step.py`; "
+             f"{baseline.replace('_', ' ')}, median [q25, q75])", "",
+             "| variant | step ms | ratio | busy ms/step | top ops (self time, ms/step) |", "|---|---|---|---|---|"]
     for name, times in profile["times"].items():
-        to_adam, to_sharded = profile["ratio_to_keras_adam"][name], profile["ratio_to_sharded"][name]
-        comm = profile.get("collectives", {}).get(name)
-        launches = comm["total_launches_per_step"] if comm else "-"
-        nbytes = f"{comm['ratio_to_bound']:.3f}" if comm else "-"
-        lines.append(f"| {name} | {1e3 * times['median_s']:.1f} | {to_adam['median']:.3f} "
-                     f"[{to_adam['q25']:.3f}, {to_adam['q75']:.3f}] | {to_sharded['median']:.3f} "
-                     f"[{to_sharded['q25']:.3f}, {to_sharded['q75']:.3f}] | {launches} | {nbytes} |")
-    busy = []
-    for name, prof in profile.get("profile", {}).items():
-        if "by_op_type" in prof:
-            top = ", ".join(f"{r['op']} {100 * r['share_of_busy']:.0f}%" for r in prof["by_op_type"][:4])
-            busy.append(f"{name}: {prof['busy_ms_per_step']:.0f} ms busy op time per step over all replica "
-                        f"threads ({top})")
-    if busy:
-        lines += ["", "tf.profiler op self time: " + "; ".join(busy) + "."]
+        r = profile[baseline][name]
+        prof = profile.get("profile", {}).get(name, {})
+        top = ", ".join(f"{row['op']} {row['ms_per_step']:.1f}" for row in prof.get("by_op_type", [])[:4])
+        busy = f"{prof['busy_ms_per_step']:.1f}" if "busy_ms_per_step" in prof else "-"
+        lines.append(f"| {name} | {1e3 * times['median_s']:.1f} | {r['median']:.3f} [{r['q25']:.3f}, "
+                     f"{r['q75']:.3f}] | {busy} | {top} |")
     return "\n".join(lines) + "\n"
 
 
 def load_profiles(results_dir) -> list:
-    return [json.loads(p.read_text()) for p in sorted(Path(results_dir).glob("profile_n*.json"),
-                                                       key=lambda p: -int(p.stem.split("_n")[-1]))]
+    return [json.loads(p.read_text()) for p in sorted(Path(results_dir).glob("profile_mwms_*.json"))]
 
 
 # --------------------------------------------------------------------- plots
@@ -258,21 +312,48 @@ def plots(results, out_dir) -> list:
         plt.close(fig)
         written.append(path)
 
+    multi = multiprocess_rows(results)
+    if multi:
+        # Horizontal bars, labels on the y axis: long labels never overlap.
+        workers = sorted({n for r in multi for n in r["by_workers"]})
+        labels = [f"{r['model']} ({VARIANT_LABELS.get(r['variant'], r['variant']).split(' (')[0]})" for r in multi]
+        fig, ax = plt.subplots(figsize=(8, 0.9 + 0.55 * len(multi) * len(workers)))
+        height = 0.8 / len(workers)
+        for k, n in enumerate(workers):
+            ys = [i + k * height for i in range(len(multi))]
+            ws = [r["by_workers"].get(n) for r in multi]
+            ax.barh(ys, [w["ratio"] if w else 0 for w in ws], height=height,
+                    xerr=[[w["ratio"] - w["q25"] if w else 0 for w in ws], [w["q75"] - w["ratio"] if w else 0 for w in ws]],
+                    capsize=3, label=f"{n} processes")
+        ax.set_yticks([i + height * (len(workers) - 1) / 2 for i in range(len(multi))])
+        ax.set_yticklabels(labels, fontsize=9)
+        ax.invert_yaxis()
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_xlabel("step time ShardedAdam / Keras Adam (median, bars: IQR)")
+        ax.set_title("One process per worker (MultiWorkerMirroredStrategy)")
+        ax.legend(loc="lower right", fontsize=8)
+        path = Path(out_dir) / "step_time_ratio.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+
     timing = timing_rows(results)
     if timing:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        labels = [f"{r['setup'].replace('MirroredStrategy ', '')}\n{r['model']}" for r in timing]
+        fig, ax = plt.subplots(figsize=(8, 0.9 + 0.5 * len(timing)))
+        labels = [f"{r['setup']}, {r['model']}" for r in timing]
         medians = [r["ratio"] for r in timing]
         lower = [r["ratio"] - r["q25"] for r in timing]
         upper = [r["q75"] - r["ratio"] for r in timing]
-        ax.bar(range(len(timing)), medians, yerr=[lower, upper], capsize=4,
-               color=["tab:blue" if "update" in r["model"] else "tab:orange" for r in timing])
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xticks(range(len(timing)))
-        ax.set_xticklabels(labels, fontsize=8)
-        ax.set_ylabel("step time ShardedAdam / baseline")
-        ax.set_title("Step-time ratio (median, error bars = IQR)")
-        path = Path(out_dir) / "step_time_ratio.png"
+        ax.barh(range(len(timing)), medians, xerr=[lower, upper], capsize=3,
+                color=["tab:blue" if "update" in r["model"] else "tab:orange" for r in timing])
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_yticks(range(len(timing)))
+        ax.set_yticklabels(labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("step time ShardedAdam / baseline (median, bars: IQR)")
+        ax.set_title("Redundant-update cost on one host (logical devices, horovodrun)")
+        path = Path(out_dir) / "step_time_ratio_one_host.png"
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)

@@ -1,8 +1,13 @@
 """Run every benchmark and write benchmarks/results/results.json, the PNG plots
 and the markdown table.
 
-    python benchmarks/run_all.py            # full run, a few minutes on 2 cores
+    python benchmarks/run_all.py            # full run, ~20 minutes on 2 cores
     python benchmarks/run_all.py --quick    # memory + collectives only (CI-sized)
+
+The headline is the multi-process section: 2 and 3 worker processes under
+MultiWorkerMirroredStrategy started by the local launcher, one compute thread
+each (benchmarks/mwms_worker.py), the set-up whose speed transfers to a
+cluster where every worker has its own device.
 
 Each MirroredStrategy set-up (N = 1, 2, 3, 4, 8 logical CPUs) runs in its own
 process, because TensorFlow allows one MirroredStrategy per process. The
@@ -77,6 +82,16 @@ def mirrored(replicas, tasks, workdir, timeout, extra=()):
     run_child([sys.executable, str(HERE / "mirrored_worker.py"), "--replicas", str(replicas),
                "--tasks", ",".join(tasks), "--out", str(out), *extra],
               timeout, f"MirroredStrategy N={replicas} [{','.join(tasks)}]")
+    return json.loads(out.read_text())
+
+
+def multiprocess(workers, workdir, timeout, extra=()):
+    """The headline: one process per worker under MultiWorkerMirroredStrategy,
+    started by the local launcher (benchmarks/mwms_worker.py)."""
+    out = Path(workdir) / f"multiprocess_{workers}.json"
+    run_child([sys.executable, "-m", "distadam.launch", "--nproc", str(workers), "--timeout", str(int(timeout)),
+               str(HERE / "mwms_worker.py"), "--out", str(out), *extra],
+              timeout + 60, f"MultiWorkerMirroredStrategy, {workers} processes")
     return json.loads(out.read_text())
 
 
@@ -157,6 +172,7 @@ PLAN = {
     "quick": {1: ["memory"], 2: ["memory", "collectives", "bytes"], 3: ["memory"]},
 }
 TIMED_REPLICAS = (2, 4)
+MULTIPROCESS_WORKERS = (2, 3)
 
 
 def main(argv=None):
@@ -186,6 +202,9 @@ def main(argv=None):
 
         if not args.quick:
             timing_args = ["--repetitions", str(args.repetitions), "--steps", str(args.steps)]
+            results["multiprocess"] = {
+                str(n): multiprocess(n, workdir, args.timeout * 2, timing_args) for n in MULTIPROCESS_WORKERS
+            }
             for n in TIMED_REPLICAS:
                 timed = mirrored(n, ["timing"], workdir, args.timeout, timing_args)
                 results["mirrored"][str(n)]["timing"] = timed["timing"]

@@ -53,6 +53,8 @@ def check_adam_arguments(
     """The arguments ``keras.optimizers.Adam`` takes."""
     if is_real_number(learning_rate):  # else a schedule or a callable
         require_real("learning_rate", learning_rate, low=0.0)
+        if not np.isfinite(np.float32(learning_rate)):  # Keras keeps it in a float32 variable
+            raise ValueError(f"`learning_rate` overflows float32, got learning_rate={learning_rate!r}")
     require_real("beta_1", beta_1, low=0.0, high=1.0, high_open=True)
     require_real("beta_2", beta_2, low=0.0, high=1.0, high_open=True)
     require_real("epsilon", epsilon, low=0.0)
@@ -76,10 +78,26 @@ def check_adam_arguments(
         )
 
 
-def check_sharding_arguments(*, backend, bucket_elements, shard_alignment, skip_nonfinite):
+def check_sharding_arguments(*, backend, bucket_elements, shard_alignment, skip_nonfinite, replicate,
+                             row_sparse, fused_update, max_consecutive_skips):
     """The arguments ShardedAdam adds to Adam's."""
     require_bool("skip_nonfinite", skip_nonfinite)
+    require_positive_int("max_consecutive_skips", max_consecutive_skips, allow_none=True)
+    require_bool("fused_update", fused_update)
+    for name, patterns in (("replicate", replicate), ("row_sparse", row_sparse)):
+        if isinstance(patterns, str) or not all(isinstance(p, str) and p for p in _iterable(patterns, name)):
+            raise TypeError(
+                f"`{name}` must be a list of non-empty variable-name patterns (e.g. ['embeddings']), "
+                f"got {patterns!r}"
+            )
     if not isinstance(backend, str):
         raise TypeError(f"`backend` must be a string, got {backend!r}")
     require_positive_int("bucket_elements", bucket_elements, allow_none=True)
     require_positive_int("shard_alignment", shard_alignment)
+
+
+def _iterable(value, name):
+    try:
+        return list(value)
+    except TypeError:
+        raise TypeError(f"`{name}` must be a list, got {value!r}") from None

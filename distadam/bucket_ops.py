@@ -8,6 +8,8 @@ it). They read variables but never write them and launch no collective.
 
 from __future__ import annotations
 
+import math
+
 import tensorflow as tf
 
 from distadam.partition import Bucket
@@ -79,4 +81,63 @@ def segment_mask(bucket: Bucket, ids: tf.Tensor, flags) -> tf.Tensor | None:
 
 
 def _value(variable):
-    return getattr(variable, "value", variable)
+    """A variable's current value (Keras or TF variable), or a tensor as is."""
+    return tf.convert_to_tensor(variable)
+
+
+# ----------------------------------------------------------- sparse gradients
+def index_dtype_for(value_dtype) -> tf.DType:
+    """Integer dtype whose bit pattern packs into columns of ``value_dtype``:
+    sparse rows travel as one tensor, indices bitcast into extra columns."""
+    value_dtype = tf.as_dtype(value_dtype)
+    return tf.int64 if value_dtype.size == 8 else tf.int32
+
+
+def row_width(segment) -> int:
+    """Elements per row of a variable (its shape without the first axis)."""
+    return int(math.prod(segment.shape[1:]))
+
+
+def pack_rows(indices, values) -> tf.Tensor:
+    """A sparse gradient's rows as one [M, width + k] tensor of the values'
+    dtype: the row's values, then its index bitcast into k columns (k = 1 for
+    32/64-bit values, 2 for 16-bit ones). One collective moves both."""
+    rows = tf.reshape(values, [tf.shape(values)[0], -1])
+    index_columns = tf.bitcast(tf.cast(indices, index_dtype_for(values.dtype)), values.dtype)
+    index_columns = tf.reshape(index_columns, [tf.shape(rows)[0], -1])
+    return tf.concat([rows, index_columns], axis=1)
+
+
+def unpack_rows(packed, width: int):
+    """(indices, values [M, width]) from :func:`pack_rows`' output."""
+    values = packed[:, :width]
+    index_columns = packed[:, width:]
+    index_dtype = index_dtype_for(packed.dtype)
+    if index_columns.shape[1] == 1:
+        index_columns = index_columns[:, 0]
+    indices = tf.bitcast(index_columns, index_dtype)
+    return indices, values
+
+
+def shard_from_rows(bucket: Bucket, segment, indices, values, worker) -> tf.Tensor:
+    """This worker's dense [shard_size] gradient shard from the rows of one
+    variable's sparse gradient (duplicate rows add up, as densifying does).
+    Elements outside the shard are dropped."""
+    width = row_width(segment)
+    index_dtype = tf.int64 if bucket.padded_size >= 2**31 else tf.int32
+    lo = tf.cast(worker, index_dtype) * bucket.shard_size if not bucket.replicated else tf.constant(0, index_dtype)
+    columns = tf.range(width, dtype=index_dtype)
+    positions = segment.offset + tf.cast(indices, index_dtype)[:, None] * width + columns[None, :] - lo
+    size = bucket.shard_size
+    inside = (positions >= 0) & (positions < size)
+    targets = tf.where(inside, positions, tf.cast(size, index_dtype))  # outside: a dump slot
+    summed = tf.math.unsorted_segment_sum(tf.reshape(values, [-1]), tf.reshape(targets, [-1]), size + 1)
+    return summed[:size]
+
+
+def split_and_check(bucket: Bucket, flat: tf.Tensor):
+    """The variables' tensors from a flat bucket and, per segment, whether all
+    its elements are finite (padding is never looked at)."""
+    pieces = unflatten(bucket, flat)
+    finite = tf.stack([tf.reduce_all(tf.math.is_finite(tensor)) for _, tensor in pieces])
+    return [tensor for _, tensor in pieces], finite

@@ -32,6 +32,7 @@ communication in :mod:`distadam.collectives`, Keras-format saving in
 
 from __future__ import annotations
 
+import sys
 import typing
 import warnings
 
@@ -40,9 +41,10 @@ import numpy as np
 import tensorflow as tf
 
 from distadam import _keras_internals as hooks
-from distadam import adam_math, arguments, bucket_ops, keras_format
+from distadam import _tf_internals
+from distadam import adam_math, arguments, bucket_ops, keras_format, shard_update
 from distadam.collectives import resolve_backend
-from distadam.partition import Layout, plan_layout
+from distadam.partition import DEFAULT_BUCKET_ELEMENTS, Layout, plan_layout
 from distadam.state import ShardedState, ShardStateVariable
 
 __all__ = ["ShardedAdam", "ShardStateVariable"]
@@ -61,21 +63,51 @@ class ShardedAdam(keras.optimizers.Optimizer):
             when it is initialised and no strategy is), ``"tf.distribute"``,
             ``"horovod"``, or any name registered with
             :func:`distadam.collectives.register_backend`.
-        bucket_elements: optional cap on elements per flat bucket. ``None``
-            (default) keeps one bucket per dtype: the fewest collectives.
+        bucket_elements: cap on elements per flat bucket (default 2**22).
+            Buckets are laid out last layer first, so a bucket's collective
+            can start while earlier layers' gradients are still computed; a
+            larger variable gets a bucket of its own. ``None``: one bucket per
+            dtype and placement, the fewest collectives.
         shard_alignment: round shard sizes up to a multiple of this.
-        skip_nonfinite: if a gradient holds NaN/Inf on any worker, skip the
-            step on every worker (weights, state and ``iterations`` unchanged)
-            so shards never diverge. Keras' Adam would write NaN weights.
-            Decided from the gathered parameters, so it costs no collective;
-            it also skips steps while the weights themselves are non-finite.
+        skip_nonfinite: if an update is not finite on any worker (a NaN/Inf
+            gradient, or one whose square overflows the optimizer state),
+            skip the step on every worker (weights, state and ``iterations``
+            unchanged) so shards never diverge. Keras' Adam would write NaN
+            weights. Decided from the gathered parameters, so it costs no
+            collective; it also skips steps while the weights themselves are
+            non-finite. Each skip prints a warning and counts in
+            ``skipped_steps``.
+        max_consecutive_skips: raise an error naming the first variable
+            affected once this many steps in a row were skipped (training has
+            stalled); ``None`` never raises.
+        replicate: variable-name patterns (matched like
+            ``exclude_from_weight_decay``'s) whose optimizer state every
+            worker keeps whole instead of a 1/N shard. Their gradients are
+            all-reduced (a sparse gradient's rows all-gathered) and their
+            update computed on every worker, so no parameters are gathered
+            for them: for an embedding table whose gradient touches few rows
+            this trades memory for the bytes of gathering the whole table
+            every step (see ``distadam plan``). Default: everything sharded.
+        row_sparse: variable-name patterns of variables whose gradients
+            arrive as rows (``tf.IndexedSlices``); each gets a bucket of its
+            own, so only the rows a step touches are exchanged (all-gathered;
+            duplicates add up, as densifying does) instead of the whole
+            table. Default: Keras' ``Embedding`` tables (``"embeddings"``). A
+            variable matched here whose gradient is dense is reduced like any
+            bucket; an IndexedSlices gradient of a variable sharing a bucket
+            is densified into it.
+        fused_update: compile each bucket's shard update with XLA into one
+            pass (default); ``False`` runs it op by op, bit for bit the
+            arithmetic of ``keras.optimizers.Adam``.
 
     Gradients are summed across workers once, inside the optimizer, as Keras
     does; ``model.fit`` scales the loss by 1/N so the sum is the mean. In a
     custom loop scale the per-replica loss by 1/global_batch (e.g.
     ``tf.nn.compute_average_loss``), as with any tf.distribute optimizer.
-    Sparse gradients (``tf.IndexedSlices``) are densified into the bucket.
-    Under Horovod (no strategy scales the loss) gradients are averaged over
+    A sparse gradient (``tf.IndexedSlices``) of a variable alone in its
+    bucket travels as rows (every worker keeps the rows in its shard;
+    duplicates add up, as densifying does); elsewhere it is densified into
+    the bucket. Under Horovod (no strategy scales the loss) gradients are averaged over
     ranks instead: keep the loss a local mean (see
     ``distadam.collectives.horovod``).
     """
@@ -98,9 +130,13 @@ class ShardedAdam(keras.optimizers.Optimizer):
         gradient_accumulation_steps=None,
         name=None,
         backend="auto",
-        bucket_elements=None,
+        bucket_elements=DEFAULT_BUCKET_ELEMENTS,
         shard_alignment=1,
         skip_nonfinite=True,
+        max_consecutive_skips=100,
+        replicate=(),
+        row_sparse=("embeddings",),
+        fused_update=True,
         **kwargs,
     ):
         arguments.check_adam_arguments(
@@ -112,7 +148,8 @@ class ShardedAdam(keras.optimizers.Optimizer):
         )
         arguments.check_sharding_arguments(
             backend=backend, bucket_elements=bucket_elements, shard_alignment=shard_alignment,
-            skip_nonfinite=skip_nonfinite,
+            skip_nonfinite=skip_nonfinite, replicate=replicate, row_sparse=row_sparse,
+            fused_update=fused_update, max_consecutive_skips=max_consecutive_skips,
         )
         if arguments.is_real_number(learning_rate):
             learning_rate = float(learning_rate)
@@ -138,9 +175,16 @@ class ShardedAdam(keras.optimizers.Optimizer):
         self.bucket_elements = None if bucket_elements is None else int(bucket_elements)
         self.shard_alignment = int(shard_alignment)
         self.skip_nonfinite = bool(skip_nonfinite)
+        self.max_consecutive_skips = None if max_consecutive_skips is None else int(max_consecutive_skips)
+        self.replicate = tuple(replicate)
+        self.row_sparse = tuple(row_sparse)
+        self.fused_update = bool(fused_update)
         hooks.set_untracked(self, "_collectives", None)
         hooks.set_untracked(self, "_layout", None)
         hooks.set_untracked(self, "_state", None)
+        # Compiled per-bucket functions, traced once and reused by every step
+        # (and by every eager apply_gradients call).
+        hooks.set_untracked(self, "_compiled", {})
 
     # ------------------------------------------------------------------ build
     def build(self, var_list):
@@ -158,6 +202,8 @@ class ShardedAdam(keras.optimizers.Optimizer):
             num_shards=collectives.num_workers,
             bucket_elements=self.bucket_elements,
             shard_alignment=self.shard_alignment,
+            replicated=[i for i, v in enumerate(var_list) if _matches(v, self.replicate)],
+            separate=[i for i, v in enumerate(var_list) if _matches(v, self.row_sparse)],
         )
         hooks.set_untracked(self, "_collectives", collectives)
         hooks.set_untracked(self, "_layout", layout)
@@ -176,7 +222,12 @@ class ShardedAdam(keras.optimizers.Optimizer):
                 0, dtype=tf.int64, trainable=False, name="skipped_steps",
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
             )
+            consecutive = tf.Variable(
+                0, dtype=tf.int64, trainable=False, name="consecutive_skipped_steps",
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            )
         hooks.set_untracked(self, "_skipped_steps", skipped)
+        hooks.set_untracked(self, "_consecutive_skips", consecutive)
         self.built = True
 
     def _new_state_variable(self, name, shape, dtype, options):
@@ -215,30 +266,53 @@ class ShardedAdam(keras.optimizers.Optimizer):
 
     # ------------------------------------------------------------------- step
     def apply(self, grads, trainable_variables=None):
-        # Densify sparse gradients up front: they go into a dense bucket anyway,
-        # and Keras' own loss-scale unscaling cannot divide an IndexedSlices.
-        grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+        # Sparse gradients stay sparse: a bucket holding one variable with an
+        # IndexedSlices gradient exchanges its rows instead of the whole table.
+        # Keras' apply() divides every gradient by loss_scale_factor, which a
+        # plain IndexedSlices does not support.
+        grads = [_DivisibleSlices.of(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
         return super().apply(grads, trainable_variables)
 
     def _backend_apply_gradients(self, grads, trainable_variables):
         grads = {self._get_variable_index(v): g for g, v in zip(grads, trainable_variables)}
         step = _StepContext(self, grads)
         buckets = self._layout.buckets
+        step.learning_rate = _checked_learning_rate(step.learning_rate, step.iterations)
 
-        # 1. Flatten the local gradients, one buffer per bucket.
-        flat_grads = [bucket_ops.flatten(bucket, grads) for bucket in buckets]
-        # 2. Reduce-scatter: this worker receives its shard of the summed gradient.
-        grad_shards = [
-            self._collectives.reduce_scatter_sum(flat, name=f"bucket{b}_gradients")
-            for b, flat in enumerate(flat_grads)
-        ]
+        # 1 + 2. Flatten each bucket's local gradients and sum them over the
+        #        workers; this worker receives only its shard of the sum.
+        grad_shards = [self._reduce(step, b) for b in range(len(buckets))]
         grad_shards = self._accumulate(step, grad_shards)
-        # 3. Clip on the global picture.
-        grad_shards = self._clip(step, grad_shards)
+        # 3. Clip on the global picture (statistics summed over workers once).
+        clip = self._clip_inputs(step, grad_shards)
         # 4. Weight decay and Adam on this worker's shard; nothing written yet.
-        proposals = [self._propose(step, b, grad) for b, grad in enumerate(grad_shards)]
+        proposals = [self._propose(step, b, grad, clip) for b, grad in enumerate(grad_shards)]
         # 5. All-gather the new parameters; every worker commits or skips alike.
         self._gather_and_commit(step, proposals)
+
+    def _reduce(self, step, b):
+        """Bucket ``b``'s gradient reduced over workers: this worker's shard
+        (the whole bucket if replicated)."""
+        shard = self._reduce_sum(step, b)
+        divisor = self._collectives.gradient_divisor
+        return shard if divisor == 1 else shard / tf.cast(divisor, shard.dtype)
+
+    def _reduce_sum(self, step, b):
+        bucket = self._layout.buckets[b]
+        collectives = self._collectives
+        name = f"bucket{b}_gradients"
+        sparse = step.sparse_gradient(bucket)
+        if sparse is not None and collectives.num_workers > 1:
+            # Row-sparse exchange: every worker receives all workers' rows and
+            # keeps those inside its shard; duplicates add, as densifying does.
+            (segment,) = bucket.segments
+            rows = collectives.all_gather_rows(bucket_ops.pack_rows(sparse.indices, sparse.values), name=name)
+            indices, values = bucket_ops.unpack_rows(rows, bucket_ops.row_width(segment))
+            return bucket_ops.shard_from_rows(bucket, segment, indices, values, step.worker)
+        flat = bucket_ops.flatten(bucket, step.dense_grads(bucket))
+        if bucket.replicated:
+            return collectives.all_reduce_sum(flat, name=name)
+        return collectives.reduce_scatter_sum(flat, name=name)
 
     def _accumulate(self, step, grad_shards):
         """With gradient accumulation, add the shards to the accumulator and
@@ -258,134 +332,183 @@ class ShardedAdam(keras.optimizers.Optimizer):
         ]
         return [total / steps for total in totals]
 
-    def _clip(self, step, grad_shards):
-        """Clip the reduced gradient shards as Keras clips the full gradient:
-        by value elementwise; by norm with partial sums of squares summed over
-        workers in ONE small all-reduce (per-variable sums for ``clipnorm``,
-        the total for ``global_clipnorm``). Without norm clipping nothing is
-        launched."""
-        if self._clipvalue_active():
-            return [adam_math.clip_by_value(g, tf.cast(self.clipvalue, g.dtype)) for g in grad_shards]
+    def _clip_inputs(self, step, grad_shards):
+        """What norm clipping needs from the global picture, as Keras clips the
+        full gradient: partial sums of squares over this worker's shards,
+        summed over workers in ONE small all-reduce (the total for
+        ``global_clipnorm``, one per variable for ``clipnorm``). A replicated
+        bucket is the same on every worker, so its squares are added once,
+        after the all-reduce. Without norm clipping nothing is launched."""
+        buckets = self._layout.buckets
+        sharded = [b for b, bucket in enumerate(buckets) if not bucket.replicated]
+        replicated = [b for b, bucket in enumerate(buckets) if bucket.replicated]
         if self._global_clipnorm_active():
-            total = self._collectives.all_reduce_sum(
-                tf.reshape(adam_math.total_sum_of_squares(grad_shards), [1]), name="norm_statistics")
-            return adam_math.clip_by_global_norm(grad_shards, total[0], self.global_clipnorm)
+            total = tf.zeros([], tf.float32)
+            if sharded:
+                partial = adam_math.total_sum_of_squares([grad_shards[b] for b in sharded])
+                total = self._collectives.all_reduce_sum(tf.reshape(partial, [1]), name="norm_statistics")[0]
+            if replicated:
+                total = total + adam_math.total_sum_of_squares([grad_shards[b] for b in replicated])
+            return {"global_clip_scale": adam_math.global_norm_scale(total, self.global_clipnorm)}
         if self._clipnorm_active():
-            buckets = self._layout.buckets
-            partial = [
-                adam_math.segment_sums_of_squares(g, step.segment_ids(b), len(bucket.segments))
-                for b, (g, bucket) in enumerate(zip(grad_shards, buckets))
-            ]
-            summed = tf.split(
-                self._collectives.all_reduce_sum(tf.concat(partial, axis=0), name="norm_statistics"),
-                [len(bucket.segments) for bucket in buckets],
-            )
-            return [
-                adam_math.clip_by_variable_norm(g, step.segment_ids(b), sums, self.clipnorm)
-                for b, (g, sums) in enumerate(zip(grad_shards, summed))
-            ]
-        return grad_shards
+            sums = {
+                b: adam_math.segment_sums_of_squares(grad_shards[b], step.segment_ids(b), len(buckets[b].segments))
+                for b in range(len(buckets))
+            }
+            if sharded:
+                reduced = self._collectives.all_reduce_sum(
+                    tf.concat([sums[b] for b in sharded], axis=0), name="norm_statistics")
+                sums.update(zip(sharded, tf.split(reduced, [len(buckets[b].segments) for b in sharded])))
+            return {"variable_norm_sums": sums}
+        return {}
 
-    def _propose(self, step, b, grad):
-        """Weight decay + Adam (+ EMA) on this worker's shard of bucket ``b``,
-        writing nothing: the writes wait until every worker's verdict on the
-        step is known."""
+    def _propose(self, step, b, grad, clip):
+        """Weight decay + Adam (+ EMA) on this worker's shard of bucket ``b``
+        (see :mod:`distadam.shard_update`), writing nothing: the writes wait
+        until every worker's verdict on the step is known."""
         bucket = self._layout.buckets[b]
-        state = {kind: self._state.variables(kind)[b] for kind in self._state.kinds}
-        param_old = bucket_ops.own_shard(bucket, hooks.built_variables(self), step.worker)
-        grad = tf.cast(grad, param_old.dtype)
-
-        param = param_old
-        if self.weight_decay is not None:
-            decayed = adam_math.decoupled_weight_decay(
-                param, weight_decay=self.weight_decay, learning_rate=step.learning_rate
-            )
-            decay_mask = step.mask(b, [step.has_gradient(seg) and self._decays(seg) for seg in bucket.segments])
-            param = decayed if decay_mask is None else tf.where(decay_mask, decayed, param)
-
-        new_param, m, v, v_hat = adam_math.adam_update(
-            param, grad,
-            state["momentum"].value, state["velocity"].value,
-            state["velocity_hat"].value if self.amsgrad else None,
-            step=step.iterations + 1, learning_rate=step.learning_rate,
-            beta_1=self.beta_1, beta_2=self.beta_2, epsilon=self.epsilon,
+        variables = hooks.built_variables(self)
+        rule = shard_update.UpdateRule(
+            beta_1=self.beta_1, beta_2=self.beta_2, epsilon=self.epsilon, amsgrad=self.amsgrad,
+            weight_decay=self.weight_decay,
+            decay_flags=tuple(self._decays(seg) for seg in bucket.segments) if self.weight_decay is not None else (),
+            gradient_flags=tuple(step.has_gradient(seg) for seg in bucket.segments),
+            clipvalue=self.clipvalue if self._clipvalue_active() else None,
+            clip_by_variable_norm=self.clipnorm if self._clipnorm_active() else None,
+            ema_momentum=self.ema_momentum if self.use_ema else None,
+            ema_overwrite_frequency=self.ema_overwrite_frequency if self.use_ema else None,
+            accumulating=bool(self.gradient_accumulation_steps),
+            guard_nonfinite=self.skip_nonfinite,
         )
+        state = {kind: tf.convert_to_tensor(self._state.variables(kind)[b].value)
+                 for kind in self._state.kinds if kind != "accumulator"}
+        worker = step.shard_index(bucket)
+        static_worker = tf.get_static_value(worker)
+        static_worker = None if static_worker is None else int(static_worker)
+        sources = {seg.variable_index: tf.convert_to_tensor(variables[seg.variable_index])
+                   for seg in bucket.segments}
+        if static_worker is not None:
+            # Only the variables this shard overlaps are read.
+            owned = {seg.variable_index for seg, _, _ in bucket.owned_pieces(int(static_worker))}
+            sources = {index: value for index, value in sources.items() if index in owned}
 
-        # Variables without a gradient this step keep everything unchanged,
-        # like Keras, which filters them out before the update.
-        keep = step.mask(b, [step.has_gradient(seg) for seg in bucket.segments])
-        state_writes = [(state["momentum"], m), (state["velocity"], v)]
-        if self.amsgrad:
-            state_writes.append((state["velocity_hat"], v_hat))
-        if keep is not None:
-            state_writes = [(var, tf.where(keep, new, var.value)) for var, new in state_writes]
-            new_param = tf.where(keep, new_param, param_old)
-        if step.is_update_step is not None:
-            # Accumulating: the weights stay put, but a non-finite gradient
-            # must still show in the gathered parameters (0 * NaN/Inf = NaN)
-            # so that the step is skipped before it poisons the accumulator.
-            new_param = tf.cond(step.is_update_step, lambda: tf.identity(new_param),
-                                lambda: param_old + grad * tf.zeros([], grad.dtype))
+        def update(grad, sources, state, learning_rate, iterations, dynamic_worker, is_update_step,
+                   global_clip_scale, variable_norm_sums):
+            return shard_update.new_shard(
+                bucket, rule, grad=grad, param_sources=sources, state=state, learning_rate=learning_rate,
+                iterations=iterations,
+                worker=int(static_worker) if static_worker is not None else dynamic_worker,
+                is_update_step=is_update_step, global_clip_scale=global_clip_scale,
+                variable_norm_sums=variable_norm_sums)
 
-        if not self.use_ema:
-            return _Proposal(new_param, state_writes, [])
-        average = adam_math.ema_update(
-            state["average"].value, new_param,
-            momentum=self.ema_momentum, not_first_step=tf.not_equal(step.iterations, 0),
+        key = ("update", b, rule, static_worker)
+        if key not in self._compiled:
+            self._compiled[key] = shard_update.compiled(update, self.fused_update)
+        new_param, new_state = self._compiled[key](
+            grad, sources, state, step.learning_rate, step.iterations,
+            None if static_worker is not None else worker, step.is_update_step,
+            clip.get("global_clip_scale"), clip.get("variable_norm_sums", {}).get(b),
         )
-        if self.ema_overwrite_frequency:
-            overwrite = (step.iterations + 1) % self.ema_overwrite_frequency == 0
-            new_param = tf.cond(overwrite, lambda: tf.identity(average), lambda: tf.identity(new_param))
-        return _Proposal(new_param, state_writes, [(state["average"], average)])
+        state_writes = [(self._state.variables(kind)[b], value) for kind, value in new_state.items()
+                        if kind != "average"]
+        average_writes = [(self._state.variables("average")[b], new_state["average"])] if self.use_ema else []
+        return _Proposal(new_param, state_writes, average_writes)
 
     def _gather_and_commit(self, step, proposals):
-        """All-gather every bucket's new parameters, then write: the
+        """All-gather every sharded bucket's new parameters, then write: the
         accumulator, the state shards (on update steps), the EMA and the
         model variables, or nothing at all if the step is skipped."""
         buckets = self._layout.buckets
-        gathered, checks = [], []
+        split = [], []
+        checks = []
         for b, (bucket, proposal) in enumerate(zip(buckets, proposals)):
             flat, check = self._gather_params(b, bucket, proposal.params)
-            gathered.append(flat)
             checks += [check] if check is not None else []
+            key = ("split", b)
+            if key not in self._compiled:
+                self._compiled[key] = shard_update.compiled(
+                    lambda flat, bucket=bucket: bucket_ops.split_and_check(bucket, flat), self.fused_update)
+            tensors, finite = self._compiled[key](flat)
+            split[0].append(tensors)
+            split[1].append(finite)
+        new_values, finite = split
 
         # A NaN/Inf gradient element makes the parameter it updates non-finite
-        # (Adam propagates it; see _propose for accumulation steps), so the
-        # gathered parameters carry every worker's verdict: all workers see
-        # the same values and take the same decision, with no extra
-        # collective. Such a step is skipped everywhere.
+        # (Adam propagates it; the update also poisons a parameter whose state
+        # overflowed), so the gathered parameters carry every worker's verdict:
+        # all workers see the same values and take the same decision, with no
+        # extra collective. Padding is never part of it.
         step_ok = None
         if self.skip_nonfinite:
-            step_ok = tf.reduce_all([tf.reduce_all(tf.math.is_finite(flat)) for flat in gathered])
+            step_ok = tf.reduce_all(tf.concat(finite, axis=0))
         apply_update = step.is_update_step
         if step_ok is not None:
             apply_update = step_ok if apply_update is None else tf.logical_and(apply_update, step_ok)
 
+        variables = hooks.built_variables(self)
         with tf.control_dependencies(checks):
             _commit_if(step_ok, step.accumulator_writes)
-            for bucket, proposal, flat in zip(buckets, proposals, gathered):
+            targets, values = [], []
+            for bucket, proposal, tensors in zip(buckets, proposals, new_values):
                 _commit_if(apply_update, proposal.state_writes)
                 _commit_if(step_ok, proposal.average_writes)
-                if step_ok is not None:
-                    flat = tf.cond(step_ok, lambda f=flat: tf.identity(f),
-                                   lambda bucket=bucket: self._current_flat_params(bucket))
-                self._write_params(step, bucket, flat)
+                pairs = [(variables[seg.variable_index], tensor)
+                         for seg, tensor in zip(bucket.segments, tensors) if step.has_gradient(seg)]
+                if step_ok is not None and pairs:
+                    # Model variables may only be written outside control flow
+                    # under a multi-device strategy: select, then assign.
+                    kept = tf.cond(step_ok, lambda p=pairs: [tf.identity(t) for _, t in p],
+                                   lambda p=pairs: [v.value for v, _ in p])
+                    pairs = [(v, t) for (v, _), t in zip(pairs, kept)]
+                targets += [v for v, _ in pairs]
+                values += [t for _, t in pairs]
+            self._collectives.assign_replicated(targets, values)
 
         if step_ok is not None:
-            self._skipped_steps.assign_add(tf.cast(tf.logical_not(step_ok), tf.int64))
+            skipped = tf.logical_not(step_ok)
+            self._skipped_steps.assign_add(tf.cast(skipped, tf.int64))
             # Keras' apply() adds 1 after this method; a skipped step must leave
             # `iterations` (and so the schedule) where it was.
-            self._iterations.assign_sub(tf.cast(tf.logical_not(step_ok), self._iterations.dtype))
+            self._iterations.assign_sub(tf.cast(skipped, self._iterations.dtype))
+            self._report_skips(skipped, tf.concat(finite, axis=0))
+
+    def _report_skips(self, skipped, finite):
+        """Make skipped steps visible: a warning on each, and an error once
+        ``max_consecutive_skips`` steps in a row were skipped, naming the
+        first variable whose update was not finite: training has stalled, as
+        DeepSpeed reports when the loss scale hits its floor. Inside an
+        XLA-compiled step only the counters are kept."""
+        consecutive = self._consecutive_skips.assign(
+            tf.where(skipped, self._consecutive_skips + 1, tf.zeros([], tf.int64)))
+        if _tf_internals.in_xla_context():
+            # XLA can neither print nor carry the variable's name (a string);
+            # the counters above still tell (`skipped_steps`).
+            return
+        names = tf.constant([seg.name for bucket in self._layout.buckets for seg in bucket.segments])
+        culprit = tf.gather(names, tf.argmin(tf.cast(finite, tf.int32), output_type=tf.int32))
+        tf.cond(skipped, lambda: _print_skip(self._skipped_steps, consecutive, culprit), tf.no_op)
+        if self.max_consecutive_skips is not None:
+            tf.debugging.Assert(
+                consecutive <= self.max_consecutive_skips,
+                ["distadam: training has stalled:", consecutive, "consecutive steps skipped "
+                 f"(max_consecutive_skips={self.max_consecutive_skips}) because the update is not finite; "
+                 "the first variable affected is", culprit, "- a NaN/Inf gradient on some worker, a "
+                 "gradient whose square overflows the optimizer state (above ~1.8e19 in float32, 256 in "
+                 "float16), or non-finite weights. Lower the learning rate, clip gradients, or use "
+                 "distadam.LossScaleOptimizer for float16."],
+                summarize=3,
+            )
 
     def _gather_params(self, b, bucket, params):
-        """All-gather this worker's new parameter shard. If the layout was not
-        verified when the optimizer was built (built inside a traced step), the
-        shard carries a trailer with this worker's layout fingerprint, and
-        every worker asserts that all fingerprints match its own.
+        """All-gather this worker's new parameter shard (a replicated bucket's
+        parameters are already whole). If the layout was not verified when
+        the optimizer was built (built inside a traced step), the shard carries
+        a trailer with this worker's layout fingerprint, and every worker
+        asserts that all fingerprints match its own.
 
-        Returns (gathered flat parameters, layout assertion or None)."""
+        Returns (flat parameters of the bucket, layout assertion or None)."""
         collectives = self._collectives
-        if collectives.num_workers == 1:
+        if collectives.num_workers == 1 or bucket.replicated:
             return params, None
         name = f"bucket{b}_params"
         if self._layout_verified:
@@ -403,22 +526,6 @@ class ShardedAdam(keras.optimizers.Optimizer):
             ),
         )
         return tf.reshape(rows[:, : bucket.shard_size], [-1]), check
-
-    def _current_flat_params(self, bucket):
-        variables = hooks.built_variables(self)
-        return bucket_ops.flatten(bucket, {seg.variable_index: variables[seg.variable_index].value
-                                           for seg in bucket.segments})
-
-    def _write_params(self, step, bucket, flat):
-        """Write a gathered flat bucket into the model variables that had a
-        gradient this step."""
-        variables = hooks.built_variables(self)
-        targets, values = [], []
-        for index, value in bucket_ops.unflatten(bucket, flat):
-            if index in step.grads:
-                targets.append(variables[index])
-                values.append(value)
-        self._collectives.assign_replicated(targets, values)
 
     def _decays(self, seg):
         return hooks.uses_weight_decay(self, hooks.built_variables(self)[seg.variable_index])
@@ -465,8 +572,14 @@ class ShardedAdam(keras.optimizers.Optimizer):
         return hooks.iterations_variable(self)
 
     @property
+    def consecutive_skipped_steps(self) -> int:
+        """Steps skipped in a row up to now (0 after a good step)."""
+        self._require_built("consecutive_skipped_steps")
+        return int(self._consecutive_skips.numpy())
+
+    @property
     def skipped_steps(self) -> int:
-        """Steps skipped because a gradient was NaN/Inf on some worker."""
+        """Steps skipped because an update was not finite on some worker."""
         self._require_built("skipped_steps")
         return int(self._skipped_steps.numpy())
 
@@ -548,6 +661,10 @@ class ShardedAdam(keras.optimizers.Optimizer):
                 "bucket_elements": self.bucket_elements,
                 "shard_alignment": self.shard_alignment,
                 "skip_nonfinite": self.skip_nonfinite,
+                "max_consecutive_skips": self.max_consecutive_skips,
+                "replicate": list(self.replicate),
+                "row_sparse": list(self.row_sparse),
+                "fused_update": self.fused_update,
             }
         )
         return config
@@ -556,15 +673,15 @@ class ShardedAdam(keras.optimizers.Optimizer):
 class _StepContext:
     """What one traced step knows about itself: the gradients it got, this
     worker's index, the learning rate and iteration it runs at, and (lazily)
-    the segment ids of each bucket's shard, computed only if a mask or a
-    per-variable clip needs them."""
+    the segment ids of each bucket's shard."""
 
     def __init__(self, optimizer, grads):
-        self.grads = grads  # {variable index: local gradient}
+        self.grads = grads  # {variable index: local gradient (dense or IndexedSlices)}
         self.layout = optimizer._layout
         self.worker = optimizer._collectives.worker_index()
-        self.learning_rate = optimizer.learning_rate
-        self.iterations = optimizer.iterations  # accumulated iterations, as Keras' Adam uses
+        self.learning_rate = tf.convert_to_tensor(optimizer.learning_rate)
+        # Accumulated iterations, as Keras' Adam uses.
+        self.iterations = tf.convert_to_tensor(optimizer.iterations)
         self.is_update_step = None  # set when accumulating
         self.accumulator_writes = []
         self._segment_ids = {}
@@ -572,17 +689,65 @@ class _StepContext:
     def has_gradient(self, seg) -> bool:
         return seg.variable_index in self.grads
 
+    def shard_index(self, bucket):
+        """The shard this worker holds of ``bucket``."""
+        return tf.constant(0, tf.int32) if bucket.replicated else self.worker
+
+    def sparse_gradient(self, bucket):
+        """The IndexedSlices gradient of a bucket that holds exactly one
+        variable and got its gradient as rows, else None (densified)."""
+        if len(bucket.segments) != 1:
+            return None
+        grad = self.grads.get(bucket.segments[0].variable_index)
+        return grad if isinstance(grad, tf.IndexedSlices) else None
+
+    def dense_grads(self, bucket) -> dict:
+        return {seg.variable_index: tf.convert_to_tensor(self.grads[seg.variable_index])
+                for seg in bucket.segments if seg.variable_index in self.grads}
+
     def segment_ids(self, b):
         if b not in self._segment_ids:
-            self._segment_ids[b] = bucket_ops.segment_ids(self.layout.buckets[b], self.worker)
+            bucket = self.layout.buckets[b]
+            self._segment_ids[b] = bucket_ops.segment_ids(bucket, self.shard_index(bucket))
         return self._segment_ids[b]
 
-    def mask(self, b, flags):
-        """Per-element mask of bucket ``b``'s shard from per-segment flags
-        (None when all are True, so no segment ids are computed)."""
-        if all(flags):
-            return None
-        return bucket_ops.segment_mask(self.layout.buckets[b], self.segment_ids(b), flags)
+
+class _DivisibleSlices(tf.IndexedSlices):
+    """An IndexedSlices that Keras' ``apply`` can divide by the loss scale."""
+
+    @classmethod
+    def of(cls, slices):
+        return cls(slices.values, slices.indices, slices.dense_shape)
+
+    def __truediv__(self, scale):
+        return _DivisibleSlices(self.values / scale, self.indices, self.dense_shape)
+
+
+def _matches(variable, patterns) -> bool:
+    """Whether a name pattern matches ``variable``'s path, as
+    ``exclude_from_weight_decay``'s ``var_names`` do."""
+    name = str(getattr(variable, "path", None) or variable.name)
+    return any(pattern in name for pattern in patterns)
+
+
+def _checked_learning_rate(learning_rate, iterations):
+    """The step's learning rate, after checking it is finite and >= 0 (a
+    schedule or a callable can produce anything; NaN would skip every step
+    silently and a negative rate ascends the loss)."""
+    learning_rate = tf.convert_to_tensor(learning_rate)
+    check = tf.debugging.Assert(
+        tf.logical_and(tf.reduce_all(tf.math.is_finite(learning_rate)), tf.reduce_all(learning_rate >= 0)),
+        ["distadam: the learning rate at iteration", iterations, "is", learning_rate,
+         "- it must be finite and >= 0 (check the schedule or callable)."],
+    )
+    with tf.control_dependencies([check]):
+        return tf.identity(learning_rate)
+
+
+def _print_skip(total, consecutive, culprit):
+    tf.print("distadam: skipped a step with a non-finite update (first variable affected:", culprit,
+             "); skipped", consecutive, "in a row,", total, "in all", output_stream=sys.stderr)
+    return tf.no_op()
 
 
 def _commit_if(condition, writes):

@@ -5,7 +5,8 @@ per-worker variable per bucket, each worker's copy holding its own shard.
 
 :class:`ShardedState` owns those variables and every eager operation on them:
 reading and writing one shard (checkpoints), gathering all shards into
-per-variable arrays (consolidation, ``save_own_variables``, EMA finalisation),
+per-variable arrays (consolidation, ``save_own_variables``, EMA finalisation; a replicated
+bucket is read locally),
 loading per-variable arrays back (each worker keeps its shard), and counting
 the bytes actually allocated per device. Like PyTorch's
 ``ZeroRedundancyOptimizer.consolidate_state_dict``, the gather is a
@@ -41,8 +42,9 @@ class ShardStateVariable(keras.Variable):
     def _local_slices(self):
         bucket = self._bucket
         components = self._collectives.local_components(self)
-        for (_, component), shard in zip(components, self._collectives.local_worker_indices()):
-            start, stop = bucket.shard_range(shard)
+        for (_, component), worker in zip(components, self._collectives.local_worker_indices()):
+            # Every copy of a replicated bucket is the whole bucket: one key.
+            start, stop = bucket.shard_range(bucket.shard_of_worker(worker))
             key = f"ELEMENTS_{start}_{stop}_OF_{bucket.num_elements}"
             yield component, key, stop - start
 
@@ -94,8 +96,14 @@ class ShardedState:
 
     @property
     def local_shards(self) -> list:
-        """Shard index of each worker this process holds."""
+        """Shard index of each worker this process holds (in sharded buckets;
+        every worker holds the one shard 0 of a replicated bucket)."""
         return self.collectives.local_worker_indices()
+
+    def local_shards_of(self, bucket_index: int) -> list:
+        """The distinct shards of bucket ``bucket_index`` this process holds."""
+        bucket = self.layout.buckets[bucket_index]
+        return sorted({bucket.shard_of_worker(worker) for worker in self.local_shards})
 
     # ------------------------------------------------------------ one shard
     def read_shard(self, kind, bucket_index: int, shard: int) -> np.ndarray:
@@ -103,7 +111,7 @@ class ShardedState:
         ``shard`` must be held by this process."""
         bucket = self.layout.buckets[bucket_index]
         start, stop = bucket.shard_range(shard)
-        return np.asarray(self._component(kind, bucket_index, shard))[: stop - start]
+        return np.asarray(self._components(kind, bucket_index, shard)[0])[: stop - start]
 
     def write_shard(self, kind, bucket_index: int, shard: int, values) -> None:
         """Set ``shard`` of one bucket's state from its real elements (padding
@@ -118,17 +126,26 @@ class ShardedState:
             )
         padded = np.zeros([bucket.shard_size], dtype=bucket.dtype)
         padded[: stop - start] = values
-        self._component(kind, bucket_index, shard).assign(padded)
+        for component in self._components(kind, bucket_index, shard):
+            component.assign(padded)
 
     # ------------------------------------------------------------ all shards
     def gather(self, kind) -> list:
         """Full (unsharded) values of ``kind``: one numpy array per trainable
         variable, in build order. A collective: every process calls it."""
         self._check_kind(kind)
-        flats = self.collectives.all_gather_eagerly(self._variables[kind])
+        buckets = self.layout.buckets
+        sharded = [b for b, bucket in enumerate(buckets) if not bucket.replicated]
+        flats = {}
+        if sharded:
+            gathered = self.collectives.all_gather_eagerly([self._variables[kind][b] for b in sharded])
+            flats.update(zip(sharded, gathered))
+        for b, bucket in enumerate(buckets):
+            if bucket.replicated:  # every worker holds it whole
+                flats[b] = np.asarray(self._components(kind, b, 0)[0])
         result = [None] * self.layout.num_variables
-        for bucket, flat in zip(self.layout.buckets, flats):
-            flat = np.asarray(flat)
+        for b, bucket in enumerate(buckets):
+            flat = np.asarray(flats[b])
             if flat.shape != (bucket.padded_size,):
                 raise RuntimeError(
                     f"backend {self.collectives.name!r} gathered shape {flat.shape} for a bucket "
@@ -152,8 +169,9 @@ class ShardedState:
                     )
                 flat[seg.offset: seg.end] = value.reshape([-1])
             shards = flat.reshape(bucket.num_shards, bucket.shard_size)
-            for shard in self.local_shards:
-                self._component(kind, b, shard).assign(shards[shard])
+            for shard in self.local_shards_of(b):
+                for component in self._components(kind, b, shard):
+                    component.assign(shards[shard])
 
     def bytes_per_device(self) -> dict:
         """Bytes allocated on each local device, summed from the actual
@@ -166,13 +184,18 @@ class ShardedState:
         return totals
 
     # -------------------------------------------------------------- helpers
-    def _component(self, kind, bucket_index, shard):
+    def _components(self, kind, bucket_index, shard) -> list:
+        """This process's copies of ``shard`` of one bucket's state (several
+        for a replicated bucket under a multi-device strategy)."""
         self._check_kind(kind)
-        local = self.local_shards
-        if shard not in local:
-            raise ValueError(f"shard {shard} is not held by this process (it holds {local})")
+        bucket = self.layout.buckets[bucket_index]
+        held = [bucket.shard_of_worker(worker) for worker in self.local_shards]
+        if shard not in held:
+            raise ValueError(f"shard {shard} of bucket {bucket_index} is not held by this process "
+                             f"(it holds {sorted(set(held))})")
         variable = self._variables[kind][bucket_index]
-        return self.collectives.local_components(variable)[local.index(shard)][1]
+        components = self.collectives.local_components(variable)
+        return [component for (_, component), h in zip(components, held) if h == shard]
 
     def _check_kind(self, kind):
         if kind not in self._variables:

@@ -36,6 +36,22 @@ CASES = [
     # Keras clips the accumulated mean, not each micro-batch's gradient.
     {"name": "gradient_accumulation_global_clipnorm_model_fit", "mode": "fit",
      "kwargs": {"gradient_accumulation_steps": 2, "global_clipnorm": 0.8}},
+    # Sparse gradients. The Embedding (30 x 6) has a bucket of its own by
+    # default (row_sparse), so its IndexedSlices gradient is exchanged as
+    # rows (every case above does that); every batch repeats ids, so
+    # duplicate rows must add up. Here: small buckets, and the table sharing
+    # a bucket (its gradient densified).
+    {"name": "small_buckets_clipnorm_accumulation_model_fit", "mode": "fit",
+     "kwargs": {"bucket_elements": 150, "clipnorm": 0.5, "gradient_accumulation_steps": 2}},
+    {"name": "embedding_densified_loss_scale_weight_decay",
+     "kwargs": {"row_sparse": [], "loss_scale_factor": 64.0, "weight_decay": 0.02}},
+    # Replicated placement: the table's state stays whole on every worker;
+    # its squares count once in the global norm.
+    {"name": "replicated_embedding_global_clipnorm",
+     "kwargs": {"replicate": ["embed"], "global_clipnorm": 0.8}, "replicated_buckets": 1},
+    {"name": "replicated_dense_kernel_amsgrad_ema",
+     "kwargs": {"replicate": ["hidden/kernel"], "amsgrad": True, "use_ema": True, "ema_overwrite_frequency": 9},
+     "replicated_buckets": 1},
     {"name": "loss_scale_amsgrad_global_clip_model_fit", "mode": "fit",
      "kwargs": {"loss_scale_factor": 128.0, "amsgrad": True, "global_clipnorm": 0.8,
                 "weight_decay": 0.01, "learning_rate": 0.003}},
@@ -71,7 +87,7 @@ def results():
     return parsed
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("replicas", REPLICAS)
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_matches_single_device_adam(results, replicas, case):
@@ -86,9 +102,27 @@ def test_matches_single_device_adam(results, replicas, case):
     # the portable path is forced (CI runs this suite both ways).
     assert row["direct_collectives"] is (replicas > 1 and direct_collectives_requested())
     assert_clipping_mixed(case, row)
+    # The placements and exchanges the case is about actually happened: one
+    # all-gather of rows per sparse bucket replaces its reduce-scatter, and a
+    # replicated bucket is all-reduced and never gathered.
+    placements = row["placements"]
+    assert placements.count("replicated") == case.get("replicated_buckets", 0), placements
+    expected_sparse = 0 if case.get("kwargs", {}).get("row_sparse") == [] else 1
+    assert len(row["sparse_buckets"]) == expected_sparse, row["sparse_buckets"]
+    if replicas > 1:
+        sparse = row["sparse_buckets"]
+        sharded = placements.count("sharded")
+        replicated_sparse = sum(placements[b] == "replicated" for b in sparse)
+        expected = {"reduce_scatter": sharded - (len(sparse) - replicated_sparse),
+                    "all_gather": sharded + len(sparse),
+                    "all_reduce": placements.count("replicated") - replicated_sparse + row["norm_statistics"]}
+        # Launches are counted while tracing: once per replica and trace.
+        traces = sum(row["launches"].values()) // sum(expected.values())
+        assert traces >= 1 and row["launches"] == {k: v * traces for k, v in expected.items()}, \
+            (row["launches"], expected, placements)
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("replicas", REPLICAS)
 def test_state_is_sharded(results, replicas):
     """Per-replica state <= Adam's / N + padding, cross-checked against sizes."""
@@ -100,18 +134,25 @@ def test_state_is_sharded(results, replicas):
         kinds = row["reference_state_bytes"] // (4 * total_params)
         # Adam keeps m, v (+v_hat, +EMA, +accumulators) per parameter, mirrored.
         assert row["reference_state_bytes"] == kinds * 4 * total_params
-        padding_bytes = kinds * 4 * (replicas - 1 + 1)
+        # Each sharded bucket costs ceil(elements / N) per state kind, a
+        # replicated one all its elements.
+        shard_sizes = {}
+        for entry in row["layout"]:
+            shard_sizes[entry["bucket"]] = entry["elements"][1] - entry["elements"][0] + entry["padding"]
+        replicated = sum({e["bucket"]: shard_sizes[e["bucket"]]
+                          for e in row["layout"] if e["placement"] == "replicated"}.values())
+        buckets = len(shard_sizes)
         for nbytes in per_device.values():
-            assert nbytes <= row["reference_state_bytes"] / replicas + padding_bytes, (case, row)
-            shard_size = row["layout"][0]["elements"][1] - row["layout"][0]["elements"][0] + row["layout"][0]["padding"]
-            assert nbytes == kinds * 4 * shard_size
+            assert nbytes == kinds * 4 * sum(shard_sizes.values()), (case["name"], row["layout"])
+            bound = (row["reference_state_bytes"] - kinds * 4 * replicated) / replicas + kinds * 4 * replicated
+            assert nbytes <= bound + kinds * 4 * buckets * (replicas - 1), (case["name"], nbytes, bound)
         # Every element of every variable is owned by exactly one replica.
         owned = {}
         for entry in row["layout"]:
             for piece in entry["variables"]:
                 owned.setdefault(piece["name"], []).append(tuple(piece["range"]))
         for name, ranges in owned.items():
-            ranges.sort()
+            ranges = sorted(set(ranges))  # a replicated bucket's one shard is listed once
             assert ranges[0][0] == 0
             assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), (name, ranges)
         sizes = sorted(r[-1][1] for r in (sorted(v) for v in owned.values()))
@@ -122,7 +163,9 @@ def test_state_is_sharded(results, replicas):
 def test_portable_collectives_match_too():
     """The portable path (all-reduce + slice, ReplicaContext.all_gather) is what
     NCCL/TPU strategies use; exercise it on CPU by switching the direct one off."""
-    cases = [c for c in CASES if c["name"] in ("defaults", "clipnorm", "global_clipnorm", "use_ema_overwrite")]
+    cases = [c for c in CASES if c["name"] in ("defaults", "clipnorm", "global_clipnorm", "use_ema_overwrite",
+                                               "embedding_densified_loss_scale_weight_decay",
+                                               "replicated_embedding_global_clipnorm")]
     proc = start_worker(["equivalence.py", 3, json.dumps(cases)], DISTADAM_DIRECT_COLLECTIVES="0")
     try:
         out = finish(proc, timeout=500)

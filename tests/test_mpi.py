@@ -135,6 +135,10 @@ CASES = [
     {"name": "global_clipnorm", "kwargs": {"global_clipnorm": 0.8}},  # clips 11 of 20 updates
     {"name": "exponential_decay_staircase",
      "schedule": {"initial_learning_rate": 0.01, "decay_steps": 6, "decay_rate": 0.5, "staircase": True}},
+    # The Embedding alone in its bucket (by default): rows exchanged, duplicates
+    # add; and the table densified into the shared bucket.
+    {"name": "embedding_densified", "kwargs": {"row_sparse": []}},
+    {"name": "replicated_embedding", "kwargs": {"replicate": ["embed"], "global_clipnorm": 0.8}},
 ]
 for _case in CASES:
     _case["steps"] = 20
@@ -155,10 +159,20 @@ def test_mpirun_rendezvous_multiworker_mirrored_matches_keras_adam():
         assert len(row["tf_config"]["cluster"]["worker"]) == 2
         assert row["iterations"] == 20
         assert row["max_rel_diff"] <= TOLERANCE, row
-        # Half of Adam's m and v, plus at most one padded element per state kind.
-        assert row["state_bytes"] <= row["reference_state_bytes"] / 2 + 2 * 4, row
-    clipped, updates = rows["global_clipnorm"]["clipped_updates"]
-    assert 0 < clipped < updates, "clipping must mix clipped and unclipped updates"
+        if name != "replicated_embedding":
+            # Half of Adam's m and v, plus at most one padded element per
+            # state kind and bucket.
+            assert row["state_bytes"] <= row["reference_state_bytes"] / 2 + 2 * 4 * row["buckets"], row
+    for name in ("global_clipnorm", "replicated_embedding"):
+        clipped, updates = rows[name]["clipped_updates"]
+        assert 0 < clipped < updates, "clipping must mix clipped and unclipped updates"
+    # Two buckets, the table's exchanged as rows; or one, the table densified.
+    # (Launches are counted while tracing: a multiple of one step's.)
+    for name, per_step in (("defaults", {"reduce_scatter": 1, "all_reduce": 0, "all_gather": 3}),
+                           ("embedding_densified", {"reduce_scatter": 1, "all_reduce": 0, "all_gather": 1})):
+        traces = rows[name]["launches"]["reduce_scatter"]
+        assert traces >= 1 and rows[name]["launches"] == {k: v * traces for k, v in per_step.items()}, rows[name]
+    assert rows["replicated_embedding"]["placements"] == ["sharded", "replicated"]
 
 
 @requires_mpi

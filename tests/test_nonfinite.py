@@ -43,7 +43,12 @@ def test_sharded_adam_skips_globally(replicas):
     # Step 2 is a micro-step that only accumulates, step 5 applies the update.
     {"kwargs": {"gradient_accumulation_steps": 2}, "poison_steps": [2, 5]},
     {"kwargs": {"amsgrad": True, "clipnorm": 0.5}, "poison": "inf", "poison_steps": [0, 4]},
-], ids=["inf", "global_clipnorm", "ema_weight_decay", "accumulation", "amsgrad_clipnorm_inf"])
+    # A finite gradient whose square overflows float32: the state would turn
+    # inf, then NaN, and every later step would be skipped (the model frozen).
+    {"poison": "overflow", "poison_steps": [1]},
+    {"kwargs": {"amsgrad": True}, "poison": "overflow", "poison_steps": [2, 3]},
+], ids=["inf", "global_clipnorm", "ema_weight_decay", "accumulation", "amsgrad_clipnorm_inf",
+        "overflowing_square", "overflowing_square_amsgrad"])
 def test_skipped_step_leaves_no_trace(case):
     """A skipped step is as if its batch never came: the final weights equal
     those of a run without the poisoned batches."""
@@ -76,3 +81,108 @@ def test_keras_loss_scale_misses_remote_nan_but_shards_stay_consistent():
     assert result["skipped"] == 1
     scales = [r["scale"] for r in result["history"]]
     assert scales[result["poison_step"]] == scales[0]
+
+
+@pytest.mark.timeout(300)
+def test_padding_never_decides_a_step(run_worker):
+    """epsilon=0 on 3 workers: padding elements compute 0/0 = NaN, which must
+    not skip steps (N=1, without padding, trains). The model is dense so that
+    every real element gets a gradient and Keras Adam stays finite too."""
+    case = {"name": "epsilon_zero_padded", "kwargs": {"epsilon": 0.0}, "model": "dense", "steps": 20}
+    out, code = run_worker(["equivalence.py", 3, json.dumps([case])], timeout=240)
+    assert code == 0, out[-4000:]
+    row = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+    assert any(entry["padding"] for entry in row["layout"]), "the case needs padded shards"
+    assert row["skipped_steps"] == 0, row
+    assert row["reference_moved"] > 1e-2
+    assert row["max_rel_diff"] <= 1e-5, row
+
+
+# ---------------------------------------------------------------- in process
+def _variables(dtype="float32", values=(0.5, -0.25, 1.0, 2.0)):
+    import keras
+    import numpy as np
+
+    return [keras.Variable(np.asarray(values, dtype)), keras.Variable(np.ones((2, 3), dtype))]
+
+
+def test_float16_square_overflow_skips_the_step_and_training_goes_on():
+    """float16 gradients above 256 square to inf: the step is skipped instead
+    of writing v = inf (which would freeze every later step)."""
+    import numpy as np
+    import tensorflow as tf
+
+    from distadam import ShardedAdam
+
+    variables = _variables("float16")
+    optimizer = ShardedAdam(learning_rate=0.01)
+    good = [tf.constant([0.1, 0.2, -0.1, 0.3], tf.float16), tf.fill([2, 3], tf.constant(0.05, tf.float16))]
+    huge = [tf.constant([300.0, 0.2, -0.1, 0.3], tf.float16), good[1]]
+    before = [v.numpy().copy() for v in variables]
+    optimizer.apply_gradients(zip(huge, variables))
+    assert optimizer.skipped_steps == 1 and int(optimizer.iterations.numpy()) == 0
+    assert all(np.array_equal(a, v.numpy()) for a, v in zip(before, variables))
+    for _ in range(3):
+        optimizer.apply_gradients(zip(good, variables))
+    assert optimizer.skipped_steps == 1 and optimizer.consecutive_skipped_steps == 0
+    assert int(optimizer.iterations.numpy()) == 3
+    assert all(np.all(np.isfinite(v.numpy())) for v in variables)
+    assert not np.array_equal(before[0], variables[0].numpy())
+    for kind in ("momentum", "velocity"):
+        assert all(np.all(np.isfinite(s)) for s in optimizer.gather_full_state(kind))
+
+
+@pytest.mark.parametrize("learning_rate, message", [
+    (lambda: float("nan"), "learning rate"),
+    (lambda: -0.001, "learning rate"),
+    ("schedule_to_inf", "learning rate"),
+])
+def test_non_finite_or_negative_learning_rate_raises_on_the_step(learning_rate, message):
+    import keras
+    import tensorflow as tf
+
+    from distadam import ShardedAdam
+
+    if learning_rate == "schedule_to_inf":
+        class Overflowing(keras.optimizers.schedules.LearningRateSchedule):
+            def __call__(self, step):  # 1e30 squared: inf in float32
+                return tf.square(tf.constant(1e30, tf.float32)) * tf.cast(step + 1, tf.float32)
+
+        learning_rate = Overflowing()
+    variables = _variables()
+    optimizer = ShardedAdam(learning_rate=learning_rate)
+    grads = [tf.ones([4]), tf.ones([2, 3])]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        optimizer.apply_gradients(zip(grads, variables))
+    assert optimizer.skipped_steps == 0
+
+
+def test_learning_rate_that_overflows_float32_is_rejected_by_name():
+    from distadam import ShardedAdam
+
+    with pytest.raises(ValueError, match="learning_rate.*float32"):
+        ShardedAdam(learning_rate=1e300)
+
+
+def test_stalled_training_warns_then_raises_naming_the_variable(capfd):
+    """Non-finite weights make every step skip: each skip is reported, and the
+    run stops with an error naming the variable after the configured limit."""
+    import numpy as np
+    import tensorflow as tf
+
+    from distadam import ShardedAdam
+
+    variables = _variables(values=(0.5, np.nan, 1.0, 2.0))
+    optimizer = ShardedAdam(max_consecutive_skips=3)
+    optimizer.build(variables)
+    grads = [tf.ones([4]), tf.ones([2, 3])]
+    for _ in range(3):
+        optimizer.apply_gradients(zip(grads, variables))
+    assert optimizer.skipped_steps == optimizer.consecutive_skipped_steps == 3
+    with pytest.raises(tf.errors.InvalidArgumentError, match="training has stalled") as error:
+        optimizer.apply_gradients(zip(grads, variables))
+    assert variables[0].path in str(error.value)
+    assert "max_consecutive_skips=3" in str(error.value)
+    err = capfd.readouterr().err
+    assert err.count("distadam: skipped a step") >= 3, err[-2000:]
+    assert variables[0].path in err

@@ -6,7 +6,8 @@ other; it never sees optimizer math or the partition. Two kinds of calls:
 * **In-step collectives**, called from inside one worker's traced step
   (replica context under tf.distribute, the process itself under Horovod), on
   flat tensors: :meth:`Collectives.reduce_scatter_sum`,
-  :meth:`Collectives.all_reduce_sum`, :meth:`Collectives.all_gather`. Every
+  :meth:`Collectives.all_reduce_sum`, :meth:`Collectives.all_gather`, and
+  :meth:`Collectives.all_gather_rows` for sparse gradients' rows. Every
   call is counted in :attr:`Collectives.launches` while tracing, so a traced
   step's collective count can be read back (the benchmarks check it).
 * **Eager calls**, from ordinary Python outside any step (building,
@@ -37,6 +38,12 @@ class Collectives(abc.ABC):
 
     #: short name used in errors and ``ShardedAdam(backend=...)``.
     name = "abstract"
+
+    #: What the optimizer divides every reduced gradient by: 1 where the
+    #: framework already scaled each worker's loss by 1/N (tf.distribute), N
+    #: where each worker's loss is its local mean (Horovod). The collectives
+    #: themselves always sum.
+    gradient_divisor = 1
 
     def __init__(self):
         # Collective launches issued while tracing, by kind. A traced step
@@ -78,9 +85,7 @@ class Collectives(abc.ABC):
 
     def reduce_scatter_sum(self, flat: tf.Tensor, name: str | None = None) -> tf.Tensor:
         """Sum ``flat`` (shape [num_workers * S]) over workers; return this
-        worker's slice [index * S, (index + 1) * S) of the sum. (A backend
-        whose framework does not scale the loss by 1/N averages instead: see
-        the Horovod backend.)"""
+        worker's slice [index * S, (index + 1) * S) of the sum."""
         self.launches["reduce_scatter"] += 1
         return self._reduce_scatter_sum(flat, name)
 
@@ -94,6 +99,13 @@ class Collectives(abc.ABC):
         self.launches["all_gather"] += 1
         return self._all_gather(shard, name)
 
+    def all_gather_rows(self, rows: tf.Tensor, name: str | None = None) -> tf.Tensor:
+        """Concatenate every worker's ``rows`` along axis 0, in worker order;
+        the number of rows may differ between workers (a sparse gradient's
+        rows: indices or values)."""
+        self.launches["all_gather"] += 1
+        return self._all_gather_rows(rows, name)
+
     @abc.abstractmethod
     def _reduce_scatter_sum(self, flat, name): ...
 
@@ -102,6 +114,9 @@ class Collectives(abc.ABC):
 
     @abc.abstractmethod
     def _all_gather(self, shard, name): ...
+
+    @abc.abstractmethod
+    def _all_gather_rows(self, rows, name): ...
 
     def assign_replicated(self, variables, values) -> None:
         """Inside a step: write ``values``, identical on every worker, into the

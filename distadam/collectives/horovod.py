@@ -7,11 +7,12 @@ Gradient semantics
 Under Horovod no ``tf.distribute`` strategy is active, so TensorFlow and Keras
 believe there is a single replica: ``model.fit``'s ``train_step`` and
 ``tf.nn.compute_average_loss(per_example_loss)`` scale the loss by
-1/local_batch, not 1/global_batch. This backend therefore *averages* the
-gradients over workers (Horovod's own convention, ``op=hvd.Average``), which
-turns the per-worker means back into the mean over the global batch (given
-equal per-rank batch sizes, as Horovod assumes). Write the loss exactly as for
-one process::
+1/local_batch, not 1/global_batch. Gradients are therefore *averaged* over
+workers (Horovod's own convention): the collectives sum, and the backend's
+``gradient_divisor`` (the number of ranks) tells the optimizer to divide every
+reduced gradient, dense or sparse, which turns the per-worker means back into
+the mean over the global batch (given equal per-rank batch sizes, as Horovod
+assumes). Write the loss exactly as for one process::
 
     loss = tf.reduce_mean(loss_fn(y, model(x)))       # local mean, as usual
     grads = tape.gradient(loss, model.trainable_variables)
@@ -20,8 +21,8 @@ one process::
 Do *not* divide by the global batch as in a tf.distribute custom loop: that
 would shrink the step by the number of workers. ``model.fit`` is correct as is.
 
-Only the gradient reduction averages. ``all_reduce_sum`` (the global-norm
-partial sums of squares) and ``all_gather`` are exact sums/concatenations.
+``all_reduce_sum`` (the global-norm partial sums of squares, replicated
+buckets' gradients) and the all-gathers are exact sums/concatenations.
 
 Reduce-scatter choice
 ---------------------
@@ -109,7 +110,8 @@ _REDUCE_SCATTER_MODES = ("auto", "alltoall", "reducescatter", "allreduce")
 class HorovodCollectives(Collectives):
     """Collectives over all Horovod processes (the global process set).
 
-    Gradients are averaged over workers (see the module docstring).
+    Gradients are averaged over workers: ``gradient_divisor`` is the number
+    of ranks (see the module docstring).
 
     Args:
         reduce_scatter: ``"auto"``, ``"alltoall"``, ``"reducescatter"`` or ``"allreduce"``
@@ -145,6 +147,7 @@ class HorovodCollectives(Collectives):
         # (Elastic Horovod, which changes the size, is not supported.)
         self._size = int(hvd.size())
         self._rank = int(hvd.rank())
+        self.gradient_divisor = self._size
         self.reduce_scatter_mode = reduce_scatter
         self._name_prefix = f"distadam{next(_instance_counter)}"
         self._eager_calls = 0
@@ -174,14 +177,14 @@ class HorovodCollectives(Collectives):
                 f"reduce-scatter input of length {length} is not a static multiple of "
                 f"the {self._size} workers; distadam pads buckets to size * shard_size"
             )
-        # Average, not Sum: see "Gradient semantics" in the module docstring.
+        # Sums; the optimizer divides by gradient_divisor ("Gradient semantics").
         if self.reduce_scatter_mode == "alltoall":
             received = self._hvd.alltoall(flat, name=self._op_name(name))
             rows = tf.reshape(received, [self._size, length // self._size])
-            return tf.reduce_sum(rows, axis=0) / tf.cast(self._size, flat.dtype)
+            return tf.reduce_sum(rows, axis=0)
         if self.reduce_scatter_mode == "reducescatter":
-            return self._hvd.reducescatter(flat, op=self._hvd.Average, name=self._op_name(name))
-        reduced = self._hvd.allreduce(flat, op=self._hvd.Average, name=self._op_name(name))
+            return self._hvd.reducescatter(flat, op=self._hvd.Sum, name=self._op_name(name))
+        reduced = self._hvd.allreduce(flat, op=self._hvd.Sum, name=self._op_name(name))
         return slice_own_shard(reduced, self._size, self.worker_index())
 
     def _all_reduce_sum(self, values, name):
@@ -193,6 +196,11 @@ class HorovodCollectives(Collectives):
         if self._size == 1:
             return shard
         return self._hvd.allgather(shard, name=self._op_name(name))
+
+    def _all_gather_rows(self, rows, name):
+        if self._size == 1:
+            return rows
+        return self._hvd.allgather(rows, name=self._op_name(name))  # first dimensions may differ
 
     def _eager_name(self, what):
         # Horovod matches ops across ranks by name, and eager ops have no graph

@@ -13,7 +13,7 @@ strategy launches. Two implementations of the bucket collectives:
   shape exchange since shards are equal by construction. One launch each:
   two per bucket per step. They go through the strategy's own per-device
   launchers, which are private TF internals kept behind
-  :mod:`distadam.collectives._tf_internals`; if those do not look as expected,
+  :mod:`distadam._tf_internals`; if those do not look as expected,
   at detection or at any later use, the portable path runs instead.
   ``DISTADAM_DIRECT_COLLECTIVES=0`` forces the portable path.
 * **Portable** (everything else, e.g. NCCL on GPU, TPU): all-reduce + this
@@ -30,7 +30,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from distadam.collectives import _tf_internals
+from distadam import _tf_internals
 from distadam.collectives.base import Collectives, slice_own_shard
 
 #: Set to "0" to force the portable (public API) collectives.
@@ -99,10 +99,22 @@ class DistributeCollectives(Collectives):
     def _all_gather(self, shard, name):
         if self.num_workers == 1:
             return shard
-        direct = self._call_direct(_tf_internals.equal_shard_all_gather, shard)
+        if os.environ.get("DISTADAM_GATHER_VIA_ALLTOALL") == "1":
+            n = self.num_workers
+            direct = self._call_direct(
+                lambda launcher, s: tf.reshape(_tf_internals.all_to_all_rows(launcher, tf.tile(s[None], [n, 1])), [-1]),
+                shard)
+        else:
+            direct = self._call_direct(_tf_internals.equal_shard_all_gather, shard)
         if direct is not None:
             return direct
         return self._context().all_gather(shard, axis=0)
+
+    def _all_gather_rows(self, rows, name):
+        if self.num_workers == 1:
+            return rows
+        # The public all-gather exchanges shapes first: row counts may differ.
+        return self._context().all_gather(rows, axis=0)
 
     def _call_direct(self, per_device_fn, value):
         """The direct collective's result, or None to take the portable path

@@ -22,13 +22,18 @@ def use_logical_cpus(n):
     )
 
 
-def make_model(seed=7, hidden_units=11):
-    """Variables of several shapes and sizes, including a sparse-gradient Embedding."""
+def make_model(seed=7, hidden_units=11, dense=False):
+    """Variables of several shapes and sizes, including a sparse-gradient
+    Embedding (``dense=True``: the tokens go through a Dense layer instead, so
+    every element of every variable gets a gradient)."""
     keras.utils.set_random_seed(seed)
     tokens = keras.Input((5,), dtype="int32", name="tokens")
     dense_in = keras.Input((3,), name="features")
-    x = keras.layers.Embedding(VOCAB, 6, name="embed")(tokens)
-    x = keras.layers.Flatten()(x)
+    if dense:
+        x = keras.layers.Dense(6, name="token_mix")(keras.ops.cast(tokens, "float32") / VOCAB)
+    else:
+        x = keras.layers.Embedding(VOCAB, 6, name="embed")(tokens)
+        x = keras.layers.Flatten()(x)
     x = keras.layers.Concatenate()([x, dense_in])
     x = keras.layers.Dense(hidden_units, activation="tanh", name="hidden")(x)
     x = keras.layers.Dense(7, activation="relu", use_bias=False, name="nobias")(x)
@@ -84,8 +89,17 @@ class DenseGradientAdam(keras.optimizers.Adam):
         return [int(x) for x in self._clip_record.numpy()]
 
 
-def build_kwargs(case):
+# ShardedAdam's own arguments, which keras.optimizers.Adam does not take.
+SHARDING_ARGUMENTS = ("backend", "bucket_elements", "shard_alignment", "skip_nonfinite", "max_consecutive_skips",
+                      "replicate", "row_sparse", "fused_update")
+
+
+def build_kwargs(case, reference=False):
+    """Optimizer arguments of a case; ``reference=True`` leaves out the
+    sharding-only ones (for the keras.optimizers.Adam reference)."""
     kwargs = dict(case.get("kwargs", {}))
+    if reference:
+        kwargs = {k: v for k, v in kwargs.items() if k not in SHARDING_ARGUMENTS}
     schedule = case.get("schedule")
     if schedule:
         kwargs["learning_rate"] = keras.optimizers.schedules.ExponentialDecay(**schedule)

@@ -26,10 +26,11 @@ for case in cases:
     steps = case.get("steps", 60)
     data = common.make_data(steps, scale=case.get("target_scale", 1.0))
 
-    reference_model = common.make_model()
-    reference_opt = common.configure(common.DenseGradientAdam(**common.build_kwargs(case)), case)
+    dense = case.get("model") == "dense"
+    reference_model = common.make_model(dense=dense)
+    reference_opt = common.configure(common.DenseGradientAdam(**common.build_kwargs(case, reference=True)), case)
     with strategy.scope():
-        model = common.make_model()
+        model = common.make_model(dense=dense)
         opt = common.configure(distadam.ShardedAdam(**common.build_kwargs(case)), case)
 
     if case.get("mode", "custom") == "fit":
@@ -45,7 +46,7 @@ for case in cases:
 
     weights = model.get_weights()
     reference = reference_model.get_weights()
-    moved = common.max_relative_difference(common.make_model().get_weights(), reference)
+    moved = common.max_relative_difference(common.make_model(dense=dense).get_weights(), reference)
     result = {
         "case": case["name"],
         "replicas": num_replicas,
@@ -61,5 +62,13 @@ for case in cases:
                                          if v.name not in ("iteration", "learning_rate"))),
         "param_counts": [int(np.prod(v.shape)) for v in model.trainable_variables],
         "layout": opt.shard_layout(),
+        "placements": ["replicated" if b.replicated else "sharded" for b in opt.layout.buckets],
+        # Buckets holding just the Embedding table, whose gradient arrives as rows.
+        "sparse_buckets": [b for b, bucket in enumerate(opt.layout.buckets)
+                           if [seg.name for seg in bucket.segments] == ["embed/embeddings"]],
+        "launches": dict(opt.collectives.launches),
+        "norm_statistics": int(bool(case.get("kwargs", {}).get("clipnorm") or case.get("kwargs", {}).get("global_clipnorm"))),
+        "mode": case.get("mode", "custom"),
+        "skipped_steps": opt.skipped_steps,
     }
     print("RESULT " + json.dumps(result), flush=True)

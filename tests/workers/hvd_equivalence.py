@@ -103,7 +103,7 @@ def train_fit(model, optimizer, x, y, epochs=2):
 
 def reference(case, data, steps):
     model = common.make_model()
-    optimizer = common.configure(common.DenseGradientAdam(**common.build_kwargs(case)), case)
+    optimizer = common.configure(common.DenseGradientAdam(**common.build_kwargs(case, reference=True)), case)
     common.train_custom_loop(tf.distribute.get_strategy(), model, optimizer, data, steps)
     state_bytes = int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in optimizer.variables
                           if v.name not in ("iteration", "learning_rate")))

@@ -74,6 +74,19 @@ class MPI4PyCollectives(Collectives):
 
         return self._in_order(all_gather, shard, [size * n])
 
+    def _all_gather_rows(self, rows, name):
+        tail = rows.shape[1:]
+
+        def all_gather_rows(x):
+            x = np.ascontiguousarray(x)
+            counts = self._comm.allgather(x.shape[0])
+            row = int(np.prod(x.shape[1:], dtype=np.int64))
+            out = np.empty((sum(counts),) + x.shape[1:], dtype=x.dtype)
+            self._comm.Allgatherv(x, [out, [c * row for c in counts]])
+            return out
+
+        return self._in_order(all_gather_rows, rows, [None, *tail])
+
     # ----------------------------------------------------------- eager calls
     def all_reduce_eagerly(self, values):
         values = np.ascontiguousarray(values)

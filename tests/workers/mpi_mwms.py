@@ -67,7 +67,7 @@ for case in json.loads(sys.argv[1]):
     if rank != 0:
         continue
     ref_model = common.make_model()
-    ref_opt = common.configure(common.DenseGradientAdam(**common.build_kwargs(case)), case)
+    ref_opt = common.configure(common.DenseGradientAdam(**common.build_kwargs(case, reference=True)), case)
     common.train_custom_loop(tf.distribute.get_strategy(), ref_model, ref_opt, data, steps)
     emit({
         "case": case["name"],
@@ -82,4 +82,7 @@ for case in json.loads(sys.argv[1]):
                                          for v in ref_opt.variables
                                          if v.name not in ("iteration", "learning_rate"))),
         "clipped_updates": ref_opt.clipped_updates(),
+        "buckets": len(optimizer.layout.buckets),
+        "placements": ["replicated" if b.replicated else "sharded" for b in optimizer.layout.buckets],
+        "launches": dict(optimizer.collectives.launches),
     }, rank)

@@ -45,7 +45,7 @@ arrays["iterations"] = np.array(int(opt.iterations.numpy()))
 arrays["state_bytes"] = np.array(sum(opt.state_bytes_per_device().values()))
 if rank == 0:
     reference_model = common.make_model()
-    reference_opt = common.configure(common.DenseGradientAdam(**common.build_kwargs(case)), case)
+    reference_opt = common.configure(common.DenseGradientAdam(**common.build_kwargs(case, reference=True)), case)
     common.train_custom_loop(tf.distribute.get_strategy(), reference_model, reference_opt, data, steps)
     arrays.update({f"ref{i}": w for i, w in enumerate(reference_model.get_weights())})
     arrays["clipped_updates"] = np.array(reference_opt.clipped_updates())

@@ -2,7 +2,7 @@
 
 usage: python nonfinite.py N WRAP(plain|loss_scale|keras_loss_scale) [OPTIONS_JSON] ; prints RESULT json
 
-OPTIONS_JSON (optional): {"kwargs": ShardedAdam kwargs, "poison": "nan" | "inf",
+OPTIONS_JSON (optional): {"kwargs": ShardedAdam kwargs, "poison": "nan" | "inf" | "overflow",
 "poison_steps": [step, ...]}. The result also compares the final weights with a
 run that never saw the poisoned batches: a skipped step must leave no trace.
 """
@@ -24,7 +24,9 @@ import tensorflow as tf  # noqa: E402
 import distadam  # noqa: E402
 
 POISON_STEPS = options.get("poison_steps", [3])
-POISON_VALUE = {"nan": np.nan, "inf": np.inf}[options.get("poison", "nan")]
+# "overflow": finite, but its square is not (float32 tops out near 3.4e38),
+# so Adam's v would become inf and stay there.
+POISON_VALUE = {"nan": np.nan, "inf": np.inf, "overflow": 3e19}[options.get("poison", "nan")]
 POISON_REPLICA, STEPS = num_replicas - 1, 6
 strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(num_replicas)])
 

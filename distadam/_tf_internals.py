@@ -1,5 +1,5 @@
 """The one seam through which distadam touches TensorFlow's private
-distribution internals. Everything here may break with a TensorFlow release;
+internals (the collective launchers, and whether a trace is XLA-compiled). Everything here may break with a TensorFlow release;
 everything here therefore fails *softly*: a surprise returns ``None`` /
 raises :class:`InternalsUnavailable`, and the caller falls back to the public
 ``ReplicaContext`` collectives (twice the bytes for a reduce-scatter, but
@@ -24,6 +24,9 @@ What is used, and why the public API does not suffice:
   the strategy runs replica functions with merge_call (not under XLA) and
   which cross-device ops it would use for a float tensor.
 * ``values.PerReplica``: to hand each replica its own result from a merge_call.
+* ``control_flow_util.GraphOrParentsInXlaContext``: whether a step is being
+  compiled by XLA, where host-side printing cannot run (the skipped-step
+  warning is left out there).
 """
 
 from __future__ import annotations
@@ -122,6 +125,27 @@ def all_to_all_sum(launcher, flat, num_workers: int):
     return tf.reduce_sum(received, axis=0)
 
 
+def all_to_all_rows(launcher, rows):
+    """All-to-all of ``rows`` ([group_size, ...]): row j goes to replica j;
+    returns the rows received, row j from replica j."""
+    try:
+        from tensorflow.python.distribute import collective_util
+        from tensorflow.python.ops import collective_ops
+
+        options = launcher._options.merge(collective_util.Options())
+        with tf.device(launcher._device):
+            return collective_ops.all_to_all_v2(
+                rows,
+                launcher._group_size,
+                launcher._group_key,
+                launcher._next_instance_key(),
+                ordering_token=launcher._get_ordering_token(),
+                timeout=options.timeout_seconds,
+            )
+    except _EXPECTED_ERRORS as error:
+        raise InternalsUnavailable(f"all_to_all_v2 through the strategy's launcher: {error}") from error
+
+
 def equal_shard_all_gather(launcher, shard):
     """All-gather of equal-size shards without the shape exchange."""
     try:
@@ -130,3 +154,16 @@ def equal_shard_all_gather(launcher, shard):
         return launcher._all_gather(shard, collective_util.Options())
     except _EXPECTED_ERRORS as error:
         raise InternalsUnavailable(f"launcher all-gather: {error}") from error
+
+
+def in_xla_context() -> bool:
+    """Whether ops are being traced into an XLA cluster (``jit_compile``),
+    where host-side ops such as printing cannot run. TensorFlow offers no
+    public test; if its private one moves, answer True (never print) rather
+    than break a compiled step."""
+    try:
+        from tensorflow.python.ops import control_flow_util
+
+        return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+    except (ImportError, AttributeError):
+        return True

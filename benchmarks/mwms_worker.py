@@ -1,0 +1,134 @@
+"""Multi-process benchmark worker: one process per worker under
+MultiWorkerMirroredStrategy, started by the local launcher, one compute thread
+each, the way a cluster runs (one device per worker). Both optimizers train
+their own copy of the model on the same strategy, in interleaved blocks, so
+the machine's drift hits both alike. Rank 0 writes the JSON.
+
+    python -m distadam.launch --nproc 2 benchmarks/mwms_worker.py --out result.json
+
+Models (per worker batch): ``dense_update_bound`` (MLP 64-1024-1024-1024-256,
+2.4M params, batch 2), ``dense_compute_bound`` (MLP 64-512-256-256-16, 0.23M
+params, batch 256), ``embedding`` (Embedding(200k, 32) -> mean of 16 ids ->
+Dense 64 -> 8, sparse gradients, batch 32), ``transformer`` (one pre-norm
+Transformer block: 4-head self-attention + MLP, LayerNorms, d=128, length 64,
+batch 8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--models", default="dense_update_bound,dense_compute_bound,embedding,transformer")
+parser.add_argument("--repetitions", type=int, default=11)
+parser.add_argument("--steps", type=int, default=5)
+parser.add_argument("--warmup", type=int, default=3)
+parser.add_argument("--inter-op-threads", type=int, default=1,
+                    help="TensorFlow inter-op threads (default 1; 0: TensorFlow's default, one per core)")
+parser.add_argument("--out", required=True)
+ARGS = parser.parse_args()
+
+import harness  # noqa: E402  (sets TF logging before TF loads)
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import distadam  # noqa: E402
+
+# One compute thread per worker process (intra- and inter-op): ops run one at
+# a time, as on a GPU's compute stream, while collectives progress on their
+# own threads; and the shared cores are not oversubscribed.
+tf.config.threading.set_intra_op_parallelism_threads(1)
+if ARGS.inter_op_threads:
+    tf.config.threading.set_inter_op_parallelism_threads(ARGS.inter_op_threads)
+STRATEGY = distadam.strategy_from_env(communication_timeout=300)
+N = STRATEGY.num_replicas_in_sync
+RANK = int(os.environ.get("DISTADAM_RANK", "0"))
+
+# ShardedAdam variants timed against Keras Adam, per model: the default, and
+# for the embedding model the other placement of the table's state.
+VARIANTS = {
+    "sharded": {},
+    "sharded_replicated_table": {"replicate": ["table"]},
+}
+MODEL_VARIANTS = {"embedding": ("sharded", "sharded_replicated_table")}
+
+
+def state_bytes(optimizer, model):
+    return sum(harness.optimizer_state_bytes(optimizer, model.trainable_variables).values())
+
+
+def ring_bytes(calls):
+    """Bytes each worker sends per step for the backend calls recorded while
+    tracing one step (ring cost model, see harness.ring_bytes_sent)."""
+    return sum(harness.ring_bytes_sent(kind, nbytes, N) for kind, nbytes in calls)
+
+
+def keras_bytes(model, grads_sparse_rows):
+    """Keras Adam under MultiWorkerMirroredStrategy: one all-reduce of the
+    dense gradients, and an all-gather of each sparse gradient's rows
+    (values and int32 indices)."""
+    dense = sum(int(np.prod(v.shape)) * 4 for v in model.trainable_variables if v.path not in grads_sparse_rows)
+    rows = sum(count * (width * 4 + 4) for count, width in grads_sparse_rows.values())
+    return harness.ring_bytes_sent("all_reduce", dense, N) + harness.ring_bytes_sent("all_gather", rows, N)
+
+
+def time_model(name):
+    spec = harness.MULTIPROCESS_MODELS[name]
+    runners, info = {}, {}
+    x, y = harness.multiprocess_batch(STRATEGY, spec, RANK)
+    optimizers = {"adam": lambda: keras.optimizers.Adam()}
+    for variant in MODEL_VARIANTS.get(name, ("sharded",)):
+        optimizers[variant] = lambda v=variant: distadam.ShardedAdam(**VARIANTS[v])
+    sparse_rows = {}
+    for label, make_optimizer in optimizers.items():
+        with STRATEGY.scope():
+            model = spec["make"]()
+            optimizer = make_optimizer()
+            optimizer.build(model.trainable_variables)
+        if name == "embedding":
+            # The table's gradient: one row per id in the worker's batch.
+            table = next(v for v in model.trainable_variables if "embeddings" in v.path)
+            sparse_rows = {table.path: (spec["batch"] * spec["x"][1][0], int(table.shape[1]))}
+        sharded = isinstance(optimizer, distadam.ShardedAdam)
+        recorder = harness.CallRecorder(optimizer.collectives) if sharded else None
+        step = harness.multiprocess_step(STRATEGY, model, optimizer, spec["batch"] * N)
+        runners[label] = (lambda s=step: float(STRATEGY.experimental_local_results(s(x, y))[0]))
+        runners[label]()  # trace (and record the collectives) once, outside the timing
+        info[label] = {
+            "state_bytes": state_bytes(optimizer, model),
+            "params": int(sum(np.prod(v.shape) for v in model.trainable_variables)),
+            "bytes_sent_per_step": ring_bytes(recorder.calls) if sharded else keras_bytes(model, sparse_rows),
+        }
+        if sharded:
+            info[label]["launches_per_step"] = dict(optimizer.collectives.launches)
+            info[label]["buckets"] = [{"elements": b.num_elements, "placement": "replicated" if b.replicated else "sharded"}
+                                      for b in optimizer.layout.buckets]
+    samples = harness.interleaved_timing(runners, ARGS.repetitions, ARGS.steps, ARGS.warmup)
+    result = {"workers": N, "per_worker_batch": spec["batch"], "optimizers": info,
+              "times": {k: harness.time_stats(v) for k, v in samples.items()},
+              "ratios": {k: harness.ratio_stats(samples[k], samples["adam"]) for k in samples if k != "adam"},
+              "samples": samples}
+    return result
+
+
+def main():
+    started = time.perf_counter()
+    results = {"workers": N, "models": {}}
+    for name in ARGS.models.split(","):
+        results["models"][name] = time_model(name)
+        if RANK == 0:
+            ratios = results["models"][name]["ratios"]
+            print(f"[mwms N={N}] {name}: " + ", ".join(
+                f"{k} {v['median']:.3f} [{v['q25']:.3f}, {v['q75']:.3f}]" for k, v in ratios.items()), flush=True)
+    results["elapsed_s"] = time.perf_counter() - started
+    if RANK == 0:
+        with open(ARGS.out, "w") as handle:
+            json.dump(results, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
