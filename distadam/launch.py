@@ -540,7 +540,7 @@ def split_output(buffer: bytearray, final: bool = False) -> list:
             pieces.append((bytes(buffer[:end]), "\n"))
             del buffer[:end + 1]
             continue
-        if len(buffer) >= MAX_LINE_BYTES:
+        if len(buffer) > MAX_LINE_BYTES:
             cut = MAX_LINE_BYTES
             # Back up over UTF-8 continuation bytes (10xxxxxx): never split a character.
             while cut > MAX_LINE_BYTES - 4 and (buffer[cut] & 0xC0) == 0x80:
@@ -562,16 +562,20 @@ def _relay(stream, sink, rank: int, lock: threading.Lock) -> None:
     fd = stream.fileno()
     while True:
         chunk = os.read(fd, 65536)
-        buffer += chunk
-        pieces = split_output(buffer, final=not chunk)
-        if sink_open and pieces:
-            text = "".join(prefix + raw.decode("utf-8", errors="replace") + end for raw, end in pieces)
-            with lock:
-                try:
-                    sink.write(text)
-                    sink.flush()
-                except (BrokenPipeError, ValueError):  # e.g. `distadam launch ... | head`
-                    sink_open = False  # keep draining: a worker blocked on a full pipe would hang the job
+        if sink_open:
+            try:
+                buffer += chunk
+                pieces = split_output(buffer, final=not chunk)
+                if pieces:
+                    text = "".join(prefix + raw.decode("utf-8", errors="replace") + end for raw, end in pieces)
+                    with lock:
+                        sink.write(text)
+                        sink.flush()
+            except (BrokenPipeError, ValueError):  # e.g. `distadam launch ... | head`
+                sink_open = False
+            except Exception as error:  # never stop draining: a worker blocked on a full pipe hangs the job
+                sink_open = False
+                print(f"[{PROG}] output of rank {rank} is no longer relayed: {error!r}", file=sys.stderr)
         if not chunk:
             break
     stream.close()
