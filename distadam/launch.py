@@ -60,7 +60,7 @@ import sys
 import threading
 import time
 
-from distadam.cluster import LOGICAL_DEVICES_ENV, tf_config_for
+from distadam.cluster import LOGICAL_DEVICES_ENV, network_interfaces, tf_config_for
 
 EXIT_TIMEOUT = 124  # what coreutils' timeout(1) uses
 EXIT_USAGE = 2
@@ -298,12 +298,6 @@ _SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
 
 def _libc():
     return ctypes.CDLL(None, use_errno=True)
-
-
-def network_interfaces(pid="self") -> list:
-    """Interface names of the network namespace ``pid`` is in (/proc/PID/net/dev)."""
-    with open(f"/proc/{pid}/net/dev") as table:
-        return [line.split(":", 1)[0].strip() for line in table.readlines()[2:] if ":" in line]
 
 
 def _bring_up_loopback() -> None:

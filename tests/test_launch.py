@@ -410,13 +410,22 @@ def test_workers_expose_nothing_beyond_loopback(tmp_path):
     finally:
         kill_group(proc)
     assert proc.returncode == 0, stderr[-3000:]
+    assert "ExposedServerWarning" not in stderr  # strategy_from_env knows the namespace confines it
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(240)
 def test_host_network_is_an_explicit_loud_choice(tmp_path):
-    code, _, stderr = run(probe("--sleep", "0", network="host", pid_dir=tmp_path), timeout=50)
-    assert code == 0, stderr
+    """--network host: the launcher says what it costs, and so does every
+    worker's strategy_from_env (nothing known confines its server)."""
+    listen_probe = ROOT / "tests" / "workers" / "listen_probe.py"
+    (tmp_path / "stop").write_text("")  # report, then exit at once
+    code, _, stderr = run([*console_script(), "--nproc", "2", "--network", "host", "--timeout", "200",
+                           str(listen_probe), str(tmp_path)], timeout=230)
+    assert code == 0, stderr[-3000:]
     assert "WARNING: --network host: the workers' TensorFlow gRPC servers listen on EVERY interface" in stderr
+    for rank in range(2):
+        assert f"[rank {rank}] " in stderr and f"ExposedServerWarning: TensorFlow's gRPC server for worker {rank}" \
+            in stderr, stderr[-3000:]
 
 
 def test_launcher_refuses_when_no_private_network_can_be_made(tmp_path, monkeypatch, capsys):
