@@ -547,6 +547,51 @@ def test_distadam_launch_subcommand(tmp_path):
     assert code == 0 and "launch" in stdout and "plan" in stdout
 
 
+# ------------------------------------------------------- launch scripts
+LAUNCH_SCRIPTS = ["local.sh", "horovodrun_local.sh", "mpirun_local.sh", "slurm.sbatch"]
+
+
+@pytest.mark.parametrize("name", LAUNCH_SCRIPTS)
+def test_launch_scripts_share_names_venv_and_port(name):
+    text = (ROOT / "launch" / name).read_text()
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert ". launch/common.sh" in code, "finds the venv its own way"
+    assert not re.search(r"\bNP\b", code), "NP instead of NPROC"
+    assert "29500" not in text and "DISTADAM_PORT=" not in code, "a default port other than distadam's 2222"
+    assert not re.search(r"(^|\s)python3?\s", code), "a bare python instead of the venv's"
+
+
+def fake_bin(directory, name, body):
+    directory.mkdir(exist_ok=True)
+    path = directory / name
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+    return directory
+
+
+@pytest.mark.timeout(60)
+def test_slurm_script_runs_the_venv_python_on_distadams_port(tmp_path):
+    bin_dir = fake_bin(tmp_path / "bin", "srun", 'echo "PORT=${DISTADAM_PORT:-unset}"; printf "%s\\n" "$@"\n')
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_SUBMIT_DIR": str(ROOT), "DISTADAM_PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(ROOT / "launch" / "slurm.sbatch"), "--epochs", "3"], env=env,
+                            capture_output=True, text=True, timeout=50)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["PORT=unset", "--distribution=block", sys.executable,
+                                          "examples/train_digits.py", "--epochs", "3"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("script, tool", [("horovodrun_local.sh", "horovodrun"), ("mpirun_local.sh", "mpirun")])
+def test_horovod_scripts_say_how_to_get_horovod(tmp_path, script, tool):
+    python_dir = tmp_path / "venv" / "bin"  # a venv without Horovod / Open MPI
+    python_dir.mkdir(parents=True)
+    (python_dir / "python").symlink_to(sys.executable)
+    result = subprocess.run(["bash", str(ROOT / "launch" / script)], capture_output=True, text=True, timeout=50,
+                            env={"PATH": "/usr/bin:/bin", "DISTADAM_PYTHON": str(python_dir / "python")})
+    assert result.returncode == 1, result.stderr
+    assert f"{tool} not found" in result.stderr and "run ./dev setup horovod" in result.stderr
+
+
 # ------------------------------------------------------------ pure parts
 def test_worker_environments_describe_one_local_cluster():
     inherited = {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8", "SLURM_PROCID": "3",
