@@ -310,14 +310,16 @@ def _bring_up_loopback() -> None:
 
 
 class Sandbox:
-    """The job's private PID namespace (and network namespace, unless
-    ``private_network`` is false) around every worker.
+    """The job's private network namespace (unless ``private_network`` is
+    false) and PID namespace around every worker.
 
-    ``unshare()`` moves the *launcher* into the new network namespace and sets
-    the PID namespace its next children are born in; the launcher then starts
-    the namespace's init (see ``_NAMESPACE_INIT``) before any worker. Without
-    root this happens inside a new user namespace that maps only the caller's
-    own uid and gid, so the workers keep the user's identity and no privilege.
+    Two steps, because of two kernel rules. ``__init__`` unshares the network
+    namespace (inside a new user namespace mapping only the caller's own uid
+    and gid, when not root: the kernel allows that only to a single-threaded
+    process) and so moves the *launcher* itself into it; the workers inherit
+    it. :meth:`start_pid_namespace` then unshares the PID namespace the
+    launcher's next children are born in and starts its init, before any
+    worker; after it the launcher can start no thread.
     """
 
     def __init__(self, private_network: bool):
