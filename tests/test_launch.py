@@ -493,7 +493,7 @@ def test_split_output_keeps_characters_and_crlf_whole():
 
 # ------------------------------------------------------ no TensorFlow
 NO_TENSORFLOW = r"""
-import resource, sys
+import sys
 import distadam, distadam.launch, distadam.cluster
 from distadam.__main__ import main
 distadam.resolve_cluster({})
@@ -503,7 +503,7 @@ try:
 except SystemExit:
     pass
 loaded = sorted(m for m in ("tensorflow", "keras", "numpy") if m in sys.modules)
-print("LOADED", loaded, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print("LOADED", loaded, "VmHWM", next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")))
 """
 
 
