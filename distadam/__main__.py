@@ -1,8 +1,13 @@
-"""``python -m distadam <command>``.
+"""distadam <command> (also ``python -m distadam <command>``).
 
 Commands:
+    launch  run a training script as N local worker processes
+            (``distadam launch --help``; the same as ``distadam-launch``)
     plan    per-worker memory and communication of Adam vs ShardedAdam
-            (see ``python -m distadam plan --help`` and distadam/planner.py)
+            (``distadam plan --help`` and distadam/planner.py)
+
+Neither command imports TensorFlow, except ``plan --model`` for an ``.h5``
+file (a ``.keras`` file is read without it).
 """
 
 from __future__ import annotations
@@ -10,11 +15,22 @@ from __future__ import annotations
 import argparse
 import sys
 
+PROG = "distadam"
+
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distadam", description=__doc__,
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    # The launcher owns its whole command line (everything after the script
+    # belongs to the script), so it is parsed by distadam.launch itself.
+    commands.add_parser("launch", add_help=False, help="run a script as N local worker processes")
+    if argv[:1] == ["launch"]:
+        from distadam import launch
+
+        return launch.main(argv[1:], prog=f"{PROG} launch")
 
     from distadam import planner
 

@@ -1,41 +1,81 @@
-"""distadam-launch: run one training script as N local worker processes.
+"""distadam launch: run one training script as N local worker processes.
 
-    distadam-launch --nproc 2 examples/train_digits.py --epochs 5
-    python -m distadam.launch --nproc 3 -m my_package.train
+    distadam launch --nproc 2 examples/train_digits.py --epochs 5
+    distadam-launch --nproc 3 -m my_package.train        # the same command
+    python -m distadam.launch --nproc 2 train.py          # and again
 
 Each worker gets ``TF_CONFIG`` for a cluster of free ports on 127.0.0.1 (plus
 ``DISTADAM_RANK``/``DISTADAM_WORLD_SIZE``), so an unchanged script that calls
 ``distadam.strategy_from_env()`` trains with MultiWorkerMirroredStrategy.
 
-Guarantees, because a stuck or orphaned worker is the worst outcome on a
-shared machine:
+Network. TensorFlow's gRPC server always listens on every interface
+(``grpc_server_lib.cc`` binds ``0.0.0.0``/``[::]``; neither ``ServerDef`` nor
+``TF_CONFIG`` has a bind address) and its protocol is unauthenticated: whoever
+reaches a worker's port can run any op in it. So by default (``--network
+private``) the launcher moves itself, and with it every worker, into a new
+network namespace whose only interface is loopback (Linux ``unshare``: as
+root directly, otherwise inside a user namespace). Nothing outside the job can
+reach the workers, and the workers reach nothing outside it. Where that is
+impossible the launcher refuses; ``--network host`` runs the workers in the
+machine's network instead, with a warning.
 
-* every output line is prefixed with ``[rank k]``;
+Processes. Guarantees, because a stuck or orphaned process is the worst
+outcome on a shared machine:
+
+* every output line is prefixed with ``[rank k]``; lines longer than
+  ``MAX_LINE_BYTES`` are split, and ``\r``-updated progress bars keep their
+  prefix on every update;
 * SIGINT/SIGTERM are forwarded to every worker's process group;
 * the first worker to fail stops the others and the launcher exits non-zero,
   naming the rank and its exit code; ``--timeout`` bounds the whole job;
-* each worker runs in its own process group, which is killed on every exit
-  path; on Linux workers also die with the launcher (``PR_SET_PDEATHSIG``)
-  even if the launcher itself is killed with SIGKILL.
+* every descendant dies on every exit path, including processes that left the
+  worker's process group (``setsid``, double fork) and including ``kill -9``
+  of the launcher: the workers run in a private PID namespace whose init
+  process dies with the launcher, and the kernel kills everything in a PID
+  namespace whose init dies. With ``--network host`` the launcher is a child
+  subreaper instead (orphans become its children and are killed on every
+  exit path it survives); after ``kill -9`` of the launcher itself only the
+  workers die (``PR_SET_PDEATHSIG``), not processes they detached.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import errno
+import fcntl
 import json
+import math
 import os
+import queue
+import re
+import resource
+import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 
-from distadam.cluster import LOGICAL_DEVICES_ENV, tf_config_for
+from distadam.cluster import LOGICAL_DEVICES_ENV, network_interfaces, tf_config_for
 
 EXIT_TIMEOUT = 124  # what coreutils' timeout(1) uses
-PROG = "distadam-launch"
+EXIT_USAGE = 2
+PROG = "distadam-launch"  # also the prefix of the launcher's own messages
+
+# Upper bounds for the numeric flags: beyond them a typo (--nproc 10000)
+# would start thousands of TensorFlow interpreters (~0.5 GB each) until file
+# descriptors or memory run out, or hang for ever (--grace-period 1e300).
+MAX_NPROC = 256
+MAX_DEVICES_PER_WORKER = 64
+MAX_RESTARTS = 100
+MAX_GRACE_PERIOD = 3600.0
+# Output is relayed in pieces of at most this many bytes per line: a worker
+# printing 400 MiB without a newline must not make the launcher hold it.
+MAX_LINE_BYTES = 64 * 1024
 
 # Variables through which an enclosing launcher (mpirun, srun, a Kubernetes
 # Job) would describe *its* job. The local job replaces them, otherwise
@@ -49,33 +89,103 @@ _INHERITED_CLUSTER_PREFIXES = ("OMPI_COMM_WORLD_",)
 # Runs in the forked worker before exec: ask the kernel to SIGKILL it when the
 # launcher dies (the setting survives exec), then become the real command.
 # A separate tiny interpreter instead of Popen(preexec_fn=...), which is unsafe
-# once the launcher's output threads are running.
+# once the launcher's output threads are running. The parent is read from
+# /proc/self/stat, not getppid(): inside the job's PID namespace getppid()
+# is 0 because the launcher lives outside it; /proc (the machine's) shows it.
 _PDEATHSIG_SHIM = (
     "import ctypes, os, signal, sys\n"
     "libc = ctypes.CDLL(None, use_errno=True)\n"
     "libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
-    "if os.getppid() != int(sys.argv[1]):\n"
+    "with open('/proc/self/stat') as f:\n"
+    "    parent = int(f.read().rsplit(')', 1)[1].split()[1])\n"
+    "if parent != int(sys.argv[1]):\n"
     "    sys.exit(70)  # the launcher died before prctl took effect\n"
     "os.execvp(sys.argv[2], sys.argv[2:])\n"
 )
 
+# pid 1 of the job's PID namespace. While it lives the namespace accepts new
+# processes; when it dies (the launcher killed it, or PR_SET_PDEATHSIG because
+# the launcher died) the kernel SIGKILLs every process in the namespace. It
+# reaps the orphans the namespace hands it, and on SIGUSR1 kills every other
+# process in the namespace (kill(-1) from pid 1 reaches exactly those) and
+# answers one byte once its own children are reaped: how the launcher clears
+# the namespace between restarts.
+_NAMESPACE_INIT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
+    "with open('/proc/self/stat') as f:\n"
+    "    if int(f.read().rsplit(')', 1)[1].split()[1]) != int(sys.argv[1]):\n"
+    "        sys.exit(70)\n"
+    "wanted = {signal.SIGUSR1, signal.SIGCHLD}\n"
+    "signal.pthread_sigmask(signal.SIG_BLOCK, wanted)\n"
+    "def reap(block):\n"
+    "    while True:\n"
+    "        try:\n"
+    "            pid, _ = os.waitpid(-1, 0 if block else os.WNOHANG)\n"
+    "        except ChildProcessError:\n"
+    "            return\n"
+    "        if pid == 0:\n"
+    "            return\n"
+    "os.write(1, b'r')\n"
+    "while True:\n"
+    "    if signal.sigwait(wanted) == signal.SIGUSR1:\n"
+    "        for _ in range(2):  # a second sweep for anything forked during the first\n"
+    "            try:\n"
+    "                os.kill(-1, signal.SIGKILL)\n"
+    "            except ProcessLookupError:\n"
+    "                pass\n"
+    "            reap(block=True)\n"
+    "        os.write(1, b'k')\n"
+    "    else:\n"
+    "        reap(block=False)\n"
+)
 
-def parse_args(argv=None):
+
+# ----------------------------------------------------------------- arguments
+_UINT = re.compile(r"[0-9]+")
+_UFLOAT = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?")
+
+
+def _count(text: str) -> int:
+    """ASCII digits only: int() also takes '1_0', ' 7' and non-ASCII digits."""
+    if not _UINT.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected a whole number in ASCII digits, got {text!r}")
+    if len(text) > 12:
+        raise argparse.ArgumentTypeError(f"{text[:20]}... is out of range")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    """A finite, non-negative number of seconds ('nan', 'inf', '-1' rejected)."""
+    if not _UFLOAT.fullmatch(text) or not math.isfinite(float(text)):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return float(text)
+
+
+def parse_args(argv=None, prog: str = PROG):
     parser = argparse.ArgumentParser(
-        prog=PROG,
+        prog=prog,
         description="Run a training script as N local worker processes (MultiWorkerMirroredStrategy).",
     )
-    parser.add_argument("--nproc", type=int, default=2, help="number of worker processes (default 2)")
-    parser.add_argument("--devices-per-worker", type=int, default=1,
+    parser.add_argument("--nproc", type=_count, default=2,
+                        help=f"number of worker processes (default 2, at most {MAX_NPROC})")
+    parser.add_argument("--devices-per-worker", type=_count, default=1,
                         help="logical CPU devices per worker (sets DISTADAM_LOGICAL_DEVICES); "
                              "only useful with --nproc 1, since MultiWorkerMirroredStrategy "
-                             "drives one CPU device per worker")
-    parser.add_argument("--timeout", type=float, default=None,
+                             f"drives one CPU device per worker (at most {MAX_DEVICES_PER_WORKER})")
+    parser.add_argument("--timeout", type=_seconds, default=None,
                         help="seconds for the whole job, restarts included; then kill all and exit 124")
-    parser.add_argument("--restarts", type=int, default=0,
-                        help="re-run the whole job up to this many times after a worker fails")
-    parser.add_argument("--grace-period", type=float, default=5.0,
-                        help="seconds between SIGTERM and SIGKILL when stopping workers")
+    parser.add_argument("--restarts", type=_count, default=0,
+                        help=f"re-run the whole job up to this many times after a worker fails "
+                             f"(at most {MAX_RESTARTS})")
+    parser.add_argument("--grace-period", type=_seconds, default=5.0,
+                        help=f"seconds between SIGTERM and SIGKILL when stopping workers "
+                             f"(default 5, at most {MAX_GRACE_PERIOD:g})")
+    parser.add_argument("--network", choices=("private", "host"), default="private",
+                        help="private (default): the workers share a new network namespace with "
+                             "only loopback, so their unauthenticated TensorFlow servers are "
+                             "unreachable from outside the job; host: the machine's network, where "
+                             "those servers listen on every interface")
     parser.add_argument("--no-python", action="store_true",
                         help="run the command as an executable instead of with this Python")
     parser.add_argument("-m", dest="module", action="store_true",
@@ -85,8 +195,21 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.nproc < 1:
         parser.error("--nproc must be at least 1")
+    if args.nproc > MAX_NPROC:
+        parser.error(f"--nproc {args.nproc} is more than {MAX_NPROC} local worker processes "
+                     "(each one a TensorFlow process of ~0.5 GB); use a cluster launcher for more")
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    # Two pipes per worker stay open in the launcher, plus headroom for the
+    # interpreter, the port probes (one socket per worker) and the namespace.
+    if nofile != resource.RLIM_INFINITY and 3 * args.nproc + 64 > nofile:
+        parser.error(f"--nproc {args.nproc} needs about {3 * args.nproc + 64} file descriptors, "
+                     f"but the limit (ulimit -n) is {nofile}")
     if args.devices_per_worker < 1:
         parser.error("--devices-per-worker must be at least 1")
+    if args.devices_per_worker > MAX_DEVICES_PER_WORKER:
+        parser.error(f"--devices-per-worker {args.devices_per_worker} is more than "
+                     f"{MAX_DEVICES_PER_WORKER} logical devices (they only split the same CPU cores "
+                     "further)")
     if args.nproc > 1 and args.devices_per_worker > 1:
         parser.error(
             "--devices-per-worker > 1 needs --nproc 1: TensorFlow's MultiWorkerMirroredStrategy "
@@ -94,8 +217,10 @@ def parse_args(argv=None):
         )
     if args.timeout is not None and args.timeout <= 0:
         parser.error("--timeout must be positive")
-    if args.restarts < 0:
-        parser.error("--restarts must be >= 0")
+    if args.restarts > MAX_RESTARTS:
+        parser.error(f"--restarts {args.restarts} is more than {MAX_RESTARTS}")
+    if args.grace_period > MAX_GRACE_PERIOD:
+        parser.error(f"--grace-period {args.grace_period:g} is more than {MAX_GRACE_PERIOD:g} seconds")
     if args.module and args.no_python:
         parser.error("-m and --no-python exclude each other")
     # Caught here, one clear line, rather than N identical worker tracebacks.
@@ -159,10 +284,192 @@ def worker_environments(nproc: int, devices_per_worker: int, restart: int, base=
     return envs
 
 
+# ------------------------------------------------------------------ sandbox
+class SandboxError(RuntimeError):
+    """The private namespaces cannot be created here; the message says why."""
+
+
+_CLONE_NEWNET = 0x40000000
+_CLONE_NEWPID = 0x20000000
+_CLONE_NEWUSER = 0x10000000
+_PR_SET_CHILD_SUBREAPER = 36
+_SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
+
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _bring_up_loopback() -> None:
+    # A new network namespace starts with `lo` down; ioctl(SIOCSIFFLAGS) is
+    # what `ip link set lo up` does, without needing iproute2.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(sock, _SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(sock, _SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | _IFF_UP))
+
+
+class Sandbox:
+    """The job's private network namespace (unless ``private_network`` is
+    false) and PID namespace around every worker.
+
+    Two steps, because of two kernel rules. ``__init__`` unshares the network
+    namespace (inside a new user namespace mapping only the caller's own uid
+    and gid, when not root: the kernel allows that only to a single-threaded
+    process) and so moves the *launcher* itself into it; the workers inherit
+    it. :meth:`start_pid_namespace` then unshares the PID namespace the
+    launcher's next children are born in and starts its init, before any
+    worker; after it the launcher can start no thread.
+    """
+
+    def __init__(self, private_network: bool):
+        if not sys.platform.startswith("linux"):
+            raise SandboxError(f"private namespaces need Linux (this is {sys.platform})")
+        flags = _CLONE_NEWNET if private_network else 0
+        uid, gid = os.geteuid(), os.getegid()
+        if uid != 0:
+            flags |= _CLONE_NEWUSER
+            # The kernel refuses a new user namespace to a multi-threaded process.
+            if threading.active_count() > 1 or len(os.listdir("/proc/self/task")) > 1:
+                raise SandboxError("the launcher already runs several threads")
+        if flags:
+            self._unshare(flags)
+        try:
+            if flags & _CLONE_NEWUSER:
+                for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
+                                   ("gid_map", f"{gid} {gid} 1")):
+                    with open(f"/proc/self/{name}", "w") as file:
+                        file.write(text)
+            if private_network:
+                _bring_up_loopback()
+                others = [name for name in network_interfaces() if name != "lo"]
+                if others:
+                    raise SandboxError(f"the new network namespace has interfaces {others} besides lo")
+        except OSError as error:
+            raise SandboxError(f"setting up the namespaces failed: {error}") from error
+        self.private_network = private_network
+        self.init = None
+
+    @staticmethod
+    def _unshare(flags: int) -> None:
+        if _libc().unshare(flags) != 0:
+            code = ctypes.get_errno()
+            hint = ("user namespaces may be disabled (sysctl user.max_user_namespaces, "
+                    "kernel.unprivileged_userns_clone, AppArmor), or a container forbids unshare"
+                    if code in (errno.EPERM, errno.ENOSPC, errno.EINVAL) else "")
+            raise SandboxError(f"unshare() failed: {os.strerror(code)}" + (f"; {hint}" if hint else ""))
+
+    def start_pid_namespace(self) -> None:
+        """Make the launcher's next children the first processes of a new PID
+        namespace and start its init. After this the launcher can start no
+        thread (the kernel keeps a process's threads in one PID namespace):
+        the output relay threads must exist before."""
+        self._unshare(_CLONE_NEWPID)
+        self.init = subprocess.Popen(
+            [sys.executable, "-c", _NAMESPACE_INIT, str(os.getpid())],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        )
+        if os.read(self.init.stdout.fileno(), 1) != b"r":
+            raise SandboxError("the namespace's init process did not start")
+
+    def clear(self, timeout: float = 10.0) -> bool:
+        """Kill every process in the namespace except init; True once done."""
+        if self.init is None or self.init.poll() is not None:
+            return True  # init is gone, and so is everything else in the namespace
+        self.init.send_signal(signal.SIGUSR1)
+        end = time.monotonic() + timeout
+        fd = self.init.stdout.fileno()
+        while time.monotonic() < end:
+            ready, _, _ = select.select([fd], [], [], max(0.0, end - time.monotonic()))
+            if ready:
+                return os.read(fd, 1) == b"k"
+        return False
+
+    def close(self) -> None:
+        """Kill init, and so, by the kernel, every process in the namespace."""
+        if self.init is None:
+            return
+        if self.init.poll() is None:
+            self.init.kill()
+        self.init.wait()
+        self.init.stdout.close()
+
+
+class Subreaper:
+    """Fallback containment (``--network host``): the launcher becomes a child
+    subreaper, so a process that detaches from a worker (``setsid``, double
+    fork) is re-parented to the launcher instead of to init, and is killed
+    with the launcher's other children on every exit path it survives."""
+
+    def __init__(self):
+        self.active = False
+        if sys.platform.startswith("linux"):
+            self.active = _libc().prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+    @staticmethod
+    def children() -> list:
+        pids = []
+        for task in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{task}/children") as file:
+                    pids.extend(int(pid) for pid in file.read().split())
+            except FileNotFoundError:
+                continue
+        return pids
+
+    def kill_adopted(self, workers, rounds: int = 50) -> None:
+        """SIGKILL and reap every child that is not a worker's own process
+        (those are waited for through their Popen), until none is left."""
+        if not self.active:
+            return
+        own = {worker.pid for worker in workers}
+        for _ in range(rounds):
+            adopted = [pid for pid in self.children() if pid not in own]
+            if not adopted:
+                return
+            for pid in adopted:
+                for kill in (os.killpg, os.kill):
+                    try:
+                        kill(pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+            for pid in adopted:
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
+
+
+# ------------------------------------------------------------------- workers
+class RelayPool:
+    """Two output-relay threads per worker rank, started once for all
+    attempts: once the launcher has entered the job's PID namespace it cannot
+    start threads any more (see :meth:`Sandbox.start_pid_namespace`)."""
+
+    def __init__(self, nproc: int):
+        self.queues = [queue.SimpleQueue() for _ in range(2 * nproc)]
+        for slot in self.queues:
+            threading.Thread(target=self._serve, args=(slot,), daemon=True).start()
+
+    @staticmethod
+    def _serve(slot) -> None:
+        while True:
+            stream, sink, rank, lock, done = slot.get()
+            try:
+                _relay(stream, sink, rank, lock)
+            finally:
+                done.set()
+
+    def relay(self, rank: int, stream_index: int, stream, sink, lock) -> threading.Event:
+        done = threading.Event()
+        self.queues[2 * rank + stream_index].put((stream, sink, rank, lock, done))
+        return done
+
+
 class Worker:
     """One worker process, in its own process group, with prefixed output."""
 
-    def __init__(self, rank: int, command: list, env: dict, output_lock: threading.Lock):
+    def __init__(self, rank: int, command: list, env: dict, output_lock: threading.Lock, relays: RelayPool):
         self.rank = rank
         if sys.platform.startswith("linux"):
             command = [sys.executable, "-c", _PDEATHSIG_SHIM, str(os.getpid()), *command]
@@ -174,14 +481,10 @@ class Worker:
             stderr=subprocess.PIPE,
             start_new_session=True,  # own process group: signals reach its children too
         )
-        self._threads = [
-            threading.Thread(target=_relay, args=(self.process.stdout, sys.stdout, rank, output_lock),
-                             daemon=True),
-            threading.Thread(target=_relay, args=(self.process.stderr, sys.stderr, rank, output_lock),
-                             daemon=True),
+        self._relayed = [
+            relays.relay(rank, 0, self.process.stdout, sys.stdout, output_lock),
+            relays.relay(rank, 1, self.process.stderr, sys.stderr, output_lock),
         ]
-        for thread in self._threads:
-            thread.start()
 
     @property
     def pid(self) -> int:
@@ -199,25 +502,78 @@ class Worker:
             pass
 
     def finish_output(self, timeout: float = 2.0) -> None:
-        for thread in self._threads:
-            thread.join(timeout)
+        for done in self._relayed:
+            done.wait(timeout)
+
+
+def split_output(buffer: bytearray, final: bool = False) -> list:
+    """Take the complete pieces off the front of ``buffer``.
+
+    A piece ends with ``\n`` (``\r\n`` counts as one) or ``\r`` (a progress
+    bar redrawing its line; it keeps its ``\r`` so a terminal still redraws in
+    place, now with the rank prefix on every update). A run of more than
+    ``MAX_LINE_BYTES`` without either is cut there (at a UTF-8 character
+    boundary) and ends with ``\n``. ``final``: the stream ended, so the rest
+    is a last piece. Returns ``(text, terminator)`` pairs.
+    """
+    pieces = []
+    while buffer:
+        newline, carriage = buffer.find(b"\n"), buffer.find(b"\r")
+        ends = [i for i in (newline, carriage) if i >= 0]
+        end = min(ends) if ends else -1
+        if end >= 0 and end < MAX_LINE_BYTES:
+            if buffer[end:end + 1] == b"\r":
+                if end + 1 == len(buffer) and not final:
+                    break  # a "\r\n" may be split across reads
+                if buffer[end + 1:end + 2] == b"\n":
+                    pieces.append((bytes(buffer[:end]), "\n"))
+                    del buffer[:end + 2]
+                    continue
+                if end > 0:  # "\r" at the start of a redraw carries no text
+                    pieces.append((bytes(buffer[:end]), "\r"))
+                del buffer[:end + 1]
+                continue
+            pieces.append((bytes(buffer[:end]), "\n"))
+            del buffer[:end + 1]
+            continue
+        if len(buffer) > MAX_LINE_BYTES:
+            cut = MAX_LINE_BYTES
+            # Back up over UTF-8 continuation bytes (10xxxxxx): never split a character.
+            while cut > MAX_LINE_BYTES - 4 and (buffer[cut] & 0xC0) == 0x80:
+                cut -= 1
+            pieces.append((bytes(buffer[:cut]), "\n"))
+            del buffer[:cut]
+            continue
+        if final:
+            pieces.append((bytes(buffer), "\n"))  # complete the unterminated last line
+            buffer.clear()
+        break
+    return pieces
 
 
 def _relay(stream, sink, rank: int, lock: threading.Lock) -> None:
     prefix = f"[rank {rank}] "
     sink_open = True
-    for raw in iter(stream.readline, b""):
-        if not sink_open:
-            continue  # keep draining: a worker blocked on a full pipe would hang the job
-        line = raw.decode("utf-8", errors="replace")
-        if not line.endswith("\n"):
-            line += "\n"
-        with lock:
+    buffer = bytearray()
+    fd = stream.fileno()
+    while True:
+        chunk = os.read(fd, 65536)
+        if sink_open:
             try:
-                sink.write(prefix + line)
-                sink.flush()
-            except (BrokenPipeError, ValueError):  # e.g. `distadam-launch ... | head`
+                buffer += chunk
+                pieces = split_output(buffer, final=not chunk)
+                if pieces:
+                    text = "".join(prefix + raw.decode("utf-8", errors="replace") + end for raw, end in pieces)
+                    with lock:
+                        sink.write(text)
+                        sink.flush()
+            except (BrokenPipeError, ValueError):  # e.g. `distadam launch ... | head`
                 sink_open = False
+            except Exception as error:  # never stop draining: a worker blocked on a full pipe hangs the job
+                sink_open = False
+                print(f"[{PROG}] output of rank {rank} is no longer relayed: {error!r}", file=sys.stderr)
+        if not chunk:
+            break
     stream.close()
 
 
@@ -232,11 +588,16 @@ def describe_exit(code: int) -> str:
 
 
 class Launcher:
-    def __init__(self, args):
+    def __init__(self, args, sandbox: Sandbox | None = None, subreaper: Subreaper | None = None):
         self.args = args
+        self.sandbox = sandbox
+        self.subreaper = subreaper
         self.command = worker_command(args)
         self.output_lock = threading.Lock()
         self.workers: list[Worker] = []
+        self.relays = RelayPool(args.nproc)
+        if sandbox is not None:
+            sandbox.start_pid_namespace()
         self.received_signal = None
         self.failure_code = 1
         self.deadline = None if args.timeout is None else time.monotonic() + args.timeout
@@ -266,7 +627,7 @@ class Launcher:
         envs = worker_environments(self.args.nproc, self.args.devices_per_worker, attempt)
         self.workers = []
         for rank, env in enumerate(envs):
-            self.workers.append(Worker(rank, self.command, env, self.output_lock))
+            self.workers.append(Worker(rank, self.command, env, self.output_lock, self.relays))
         self.say(f"started {len(self.workers)} worker(s): pids "
                  + ", ".join(str(w.pid) for w in self.workers))
         try:
@@ -288,7 +649,9 @@ class Launcher:
                     self.failure_code = code if 0 < code < 256 else 1
                     return None
                 if all(w.poll() == 0 for w in self.workers):
-                    self._finish_output()
+                    # Whatever the workers left running dies now, and only
+                    # then can their output pipes (which it may hold) close.
+                    self._kill_all()
                     self.say(f"all {len(self.workers)} worker(s) finished successfully")
                     return 0
                 time.sleep(0.05)
@@ -329,6 +692,12 @@ class Launcher:
     def _kill_all(self) -> None:
         for worker in self.workers:
             worker.signal_group(signal.SIGKILL)
+        # Then what left the workers' process groups (setsid, double fork).
+        if self.sandbox is not None:
+            if not self.sandbox.clear():
+                self.say("could not confirm that every process of the job's namespace died")
+        elif self.subreaper is not None:
+            self.subreaper.kill_adopted(self.workers)
         for worker in self.workers:
             try:
                 worker.process.wait(timeout=10)
@@ -341,10 +710,40 @@ class Launcher:
             worker.finish_output()
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    launcher = Launcher(args)
-    code = launcher.run()
+def _warn(message: str) -> None:
+    print(f"[{PROG}] WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv=None, prog: str = PROG) -> int:
+    args = parse_args(argv, prog=prog)
+    sandbox = subreaper = None
+    if args.network == "private":
+        try:
+            sandbox = Sandbox(private_network=True)
+        except SandboxError as error:
+            print(f"{prog}: error: cannot give the workers a private network ({error}). Their "
+                  "TensorFlow gRPC servers would listen, unauthenticated, on every interface of "
+                  "this machine. To run anyway, pass --network host and make sure nothing "
+                  "untrusted can reach this machine's ports.", file=sys.stderr)
+            return EXIT_USAGE
+    else:
+        if args.nproc > 1:
+            _warn("--network host: the workers' TensorFlow gRPC servers listen on EVERY interface "
+                  "of this machine, and anyone who can reach their ports can run code as you. "
+                  "Use it only on a machine no untrusted host can reach.")
+        subreaper = Subreaper()
+        if not subreaper.active:
+            _warn("no child subreaper on this platform: processes the workers detach (setsid) "
+                  "may outlive the job")
+    try:
+        launcher = Launcher(args, sandbox=sandbox, subreaper=subreaper)
+        code = launcher.run()
+    except SandboxError as error:
+        print(f"{prog}: error: cannot start the job's PID namespace: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        if sandbox is not None:
+            sandbox.close()
     if code not in (0, EXIT_TIMEOUT) and launcher.received_signal is None:
         launcher.say(f"job failed (exit code {code})")
     return code

@@ -65,14 +65,24 @@ one small all-reduce (one scalar for ``global_clipnorm``, one per variable for
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import math
+import re
+import zipfile
 from typing import Sequence
 
 from distadam.partition import plan_layout
 
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 MASTER_DTYPE = "float32"
+# Bounds on what the command line can ask for: well past any real model or
+# cluster, small enough that every number stays exact in a float64.
+MAX_PARAMS = 10**15
+MAX_WORKERS = 10**6
+# A .keras file's config.json is a few kB to a few MB; more is not a model.
+MAX_CONFIG_BYTES = 64 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,28 +220,79 @@ def plan(
 
 
 def variables_from_count(params: float, dtype: str) -> list:
+    if not isinstance(params, (int, float)) or not math.isfinite(params) or params != int(params) \
+            or not 1 <= params <= MAX_PARAMS:
+        raise ValueError(f"--params must be a positive whole number up to {MAX_PARAMS:.0e}, got {params!r}")
     count = int(params)
-    if count != params or count < 1:
-        raise ValueError(f"--params must be a positive whole number, got {params!r}")
     _itemsize(dtype)
     # One variable of Ψ elements: one bucket, the layout ShardedAdam uses for a
     # single-dtype model with the default bucket_elements=None.
     return [VariableSpec("params", (count,), dtype)]
 
 
+def read_model_config(path: str) -> dict:
+    """The model's serialized config, without reading any weights: from a
+    ``.keras`` zip's ``config.json``, or an ``.h5`` file's ``model_config``."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                info = archive.getinfo("config.json")
+                if info.file_size > MAX_CONFIG_BYTES:
+                    raise ValueError(f"config.json is {info.file_size} bytes (at most {MAX_CONFIG_BYTES})")
+                with archive.open(info) as member:
+                    text = member.read(MAX_CONFIG_BYTES + 1)
+                if len(text) > MAX_CONFIG_BYTES:
+                    raise ValueError(f"config.json is more than {MAX_CONFIG_BYTES} bytes")
+        else:
+            import h5py
+
+            with h5py.File(path, "r") as h5:
+                text = h5.attrs.get("model_config")
+                if text is None:
+                    raise ValueError("neither a .keras zip nor an .h5 file with a model_config")
+        config = json.loads(text)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
+        raise ValueError(f"cannot load a Keras model from {path!r}: {error}") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"cannot load a Keras model from {path!r}: its config is not an object")
+    return config
+
+
 def variables_from_model(path: str) -> list:
-    """Trainable variables of a saved Keras model (``.keras`` or ``.h5``)."""
+    """Trainable variables of a saved Keras model (``.keras`` or ``.h5``),
+    shapes only: the model is rebuilt from its config inside
+    ``keras.StatelessScope(initialize_variables=False)``, where Keras defers
+    every variable's initializer, so no weight is ever allocated or read (a
+    13 kB file declaring a 20000x20000 Dense costs no 1.6 GB)."""
+    config = read_model_config(path)
     import keras
 
+    pending = _uninitialized_variables()
+    before = len(pending) if pending is not None else 0
     try:
-        model = keras.models.load_model(path, compile=False)
-    except Exception as error:  # loader errors vary by format and Keras version
+        with keras.StatelessScope(initialize_variables=False):
+            model = keras.saving.deserialize_keras_object(config, safe_mode=True)
+            specs = [VariableSpec(str(v.path), tuple(int(d) for d in v.shape), str(v.dtype))
+                     for v in model.trainable_variables]
+    except Exception as error:  # deserialization errors vary by layer and Keras version
         raise ValueError(f"cannot load a Keras model from {path!r}: {error}") from error
-    specs = [VariableSpec(str(v.path), tuple(int(d) for d in v.shape), str(v.dtype))
-             for v in model.trainable_variables]
+    finally:
+        if pending is not None:
+            # The deferred variables stay registered with Keras, which would
+            # initialize (allocate) them at the next StatelessScope's exit.
+            del pending[before:]
     if not specs:
         raise ValueError(f"model {path!r} has no trainable variables")
     return specs
+
+
+def _uninitialized_variables():
+    """Keras' list of deferred variables (private: keras.src), or None."""
+    try:
+        from keras.src.backend.common import global_state
+    except ImportError:
+        return None
+    return global_state.get_global_attribute("uninitialized_variables", [], set_to_default=True)
 
 
 # ------------------------------------------------------------------ printing
@@ -286,23 +347,50 @@ def render(p: Plan) -> str:
     return "\n".join(lines)
 
 
+_NUMBER = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]\+?[0-9]{1,3})?")
+
+
+def _params(text: str) -> float:
+    """'7e9', '7500000000', '7.5e9': ASCII, finite, whole, 1 .. MAX_PARAMS."""
+    if not _NUMBER.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected a positive whole number such as 7e9, got {text[:50]!r}")
+    value = float(text)
+    if not 1 <= value <= MAX_PARAMS or value != int(value):  # range first: int(inf) raises
+        raise argparse.ArgumentTypeError(f"expected a positive whole number up to {MAX_PARAMS:.0e}, "
+                                         f"got {text[:50]!r}")
+    return value
+
+
+def _bounded_int(low: int, high: int):
+    def parse(text: str) -> int:
+        if not re.fullmatch(r"[0-9]{1,12}", text) or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high}, got {text[:50]!r}")
+        return int(text)
+
+    return parse
+
+
 def add_arguments(parser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--params", type=float, help="number of trainable parameters, e.g. 7e9")
-    source.add_argument("--model", help="read the trainable variables from a saved Keras model (.keras/.h5)")
-    parser.add_argument("--workers", type=int, required=True, help="data-parallel workers N")
+    source.add_argument("--params", type=_params, help="number of trainable parameters, e.g. 7e9")
+    source.add_argument("--model", help="read the trainable variables' shapes from a saved Keras model "
+                                        "(.keras/.h5; no weights are loaded)")
+    parser.add_argument("--workers", type=_bounded_int(1, MAX_WORKERS), required=True,
+                        help="data-parallel workers N")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPE_BYTES),
                         help="parameter dtype with --params (default float32; Keras mixed_* policies keep float32 "
                              "variables)")
     parser.add_argument("--amsgrad", action="store_true", help="add v_hat")
     parser.add_argument("--ema", action="store_true", help="add the EMA weights (use_ema=True)")
-    parser.add_argument("--accumulation", type=int, metavar="A", default=None,
+    parser.add_argument("--accumulation", type=_bounded_int(2, 10**6), metavar="A", default=None,
                         help="gradient_accumulation_steps (adds an accumulator; ShardedAdam reduce-scatters "
                              "every micro-step)")
     parser.add_argument("--master-weights", action="store_true",
                         help="the ZeRO paper's mixed precision: 16-bit params/grads + fp32 master, m, v (K=12)")
-    parser.add_argument("--bucket-elements", type=int, default=None, help="ShardedAdam(bucket_elements=...)")
-    parser.add_argument("--shard-alignment", type=int, default=1, help="ShardedAdam(shard_alignment=...)")
+    parser.add_argument("--bucket-elements", type=_bounded_int(1, MAX_PARAMS), default=None,
+                        help="ShardedAdam(bucket_elements=...)")
+    parser.add_argument("--shard-alignment", type=_bounded_int(1, 1 << 20), default=1,
+                        help="ShardedAdam(shard_alignment=...)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 

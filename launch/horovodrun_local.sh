@@ -1,28 +1,24 @@
 #!/usr/bin/env bash
-# Run a Horovod training script with horovodrun: NP processes on this machine,
+# Run a Horovod training script with horovodrun: NPROC processes on this machine,
 # or across the hosts of a hostfile. Defaults: 2 processes, Gloo, the Keras
 # model.fit digits example (examples/train_digits_horovod.py).
 #
 #   launch/horovodrun_local.sh                                     # 2 local ranks
-#   NP=4 launch/horovodrun_local.sh examples/train_digits_horovod.py --epochs 5
+#   NPROC=4 launch/horovodrun_local.sh examples/train_digits_horovod.py --epochs 5
 #   CONTROLLER=mpi launch/horovodrun_local.sh                      # over Open MPI
-#   HOSTFILE=hosts NP=8 launch/horovodrun_local.sh my_train.py     # multi-host
+#   HOSTFILE=hosts NPROC=8 launch/horovodrun_local.sh my_train.py     # multi-host
 #
 # A hostfile lists "hostname slots=N" per line. Multi-host runs need
 # passwordless ssh to every host and this repo and venv at the same path there.
 # Extra horovodrun flags go in HOROVODRUN_ARGS (e.g. "--start-timeout 120").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${DISTADAM_VENV:-.venv}
-PY=${DISTADAM_PYTHON:-}
-if [ -z "$PY" ]; then
-  if [ -x "$VENV/bin/python" ]; then PY=$(cd "$VENV/bin" && pwd)/python; else PY=python3; fi
-fi
-BIN=$(dirname "$PY")
+. launch/common.sh
 # horovodrun --mpi and the ranks find mpirun/orted and python through PATH.
 export PATH="$BIN:$PATH"
 if ! command -v horovodrun >/dev/null; then
-  echo "horovodrun not found: run ./dev setup (scripts/install_horovod.sh builds Horovod)" >&2
+  echo "horovodrun not found (next to $PY or on PATH): Horovod is built only on request: run ./dev setup horovod" \
+       "(scripts/install_horovod.sh; ./dev test does it too)" >&2
   exit 1
 fi
 if [ "$(id -u)" = 0 ]; then
@@ -30,7 +26,6 @@ if [ "$(id -u)" = 0 ]; then
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 fi
 
-NP=${NP:-2}
 CONTROLLER=${CONTROLLER:-gloo}
 case "$CONTROLLER" in
   gloo|mpi) ;;
@@ -40,10 +35,10 @@ if [ -n "${HOSTFILE:-}" ]; then
   [ -f "$HOSTFILE" ] || { echo "HOSTFILE '$HOSTFILE' does not exist" >&2; exit 2; }
   hosts=(-hostfile "$HOSTFILE")
 else
-  hosts=(-H "localhost:$NP")
+  hosts=(-H "localhost:$NPROC")
 fi
 if [ $# -eq 0 ]; then
   set -- examples/train_digits_horovod.py
 fi
 # shellcheck disable=SC2086  # HOROVODRUN_ARGS is a list of flags
-exec horovodrun -np "$NP" "${hosts[@]}" "--$CONTROLLER" ${HOROVODRUN_ARGS:-} "$PY" "$@"
+exec horovodrun -np "$NPROC" "${hosts[@]}" "--$CONTROLLER" ${HOROVODRUN_ARGS:-} "$PY" "$@"

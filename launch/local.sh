@@ -1,19 +1,17 @@
 #!/usr/bin/env bash
 # Run a training script on N local worker processes (MultiWorkerMirroredStrategy
-# over 127.0.0.1) with distadam-launch. Defaults: 2 workers, the digits job.
+# over 127.0.0.1, in a private network namespace) with `distadam launch`.
+# Defaults: 2 workers, the digits job.
 #
 #   launch/local.sh                                   # digits on 2 workers
 #   NPROC=3 launch/local.sh examples/train_digits.py --epochs 5
 #   launch/local.sh --timeout 600 --restarts 1 my_train.py --lr 1e-3
 #
-# Launcher options (see `distadam-launch --help`) go before the script.
+# Launcher options (see `distadam launch --help`) go before the script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${DISTADAM_PYTHON:-}
-if [ -z "$PY" ]; then
-  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
-fi
+. launch/common.sh
 if [ $# -eq 0 ]; then
   set -- examples/train_digits.py
 fi
-exec "$PY" -m distadam.launch --nproc "${NPROC:-2}" "$@"
+exec "$PY" -m distadam launch --nproc "$NPROC" "$@"

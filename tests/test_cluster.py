@@ -87,7 +87,7 @@ def test_tf_config_from_training_operator_single_worker_is_not_distributed():
     assert (spec.rank, spec.world_size, spec.is_distributed) == (0, 1, False)
 
 
-@pytest.mark.parametrize("raw", ["", "   ", "{}", '{"cluster": {}}'])
+@pytest.mark.parametrize("raw", ["", "   ", "{}", '{"cluster": {}}', '{"cluster": {}, "task": {"index": 0}}'])
 def test_empty_tf_config_means_no_cluster(raw):
     assert resolve_cluster({"TF_CONFIG": raw}).source == "local"
 
@@ -247,7 +247,51 @@ INVALID = {
     "slurm unbalanced hostlist": (slurm_env(0, 1, "n[1-2"), r"unbalanced brackets"),
     "slurm backwards range": (slurm_env(0, 1, "n[3-1]"), r"runs backwards"),
     "slurm bad range": (slurm_env(0, 1, "n[a-b]"), r"bad range 'a-b'"),
+    # Hostile values (issue 14)
+    "TF_CONFIG cluster is a list": ({"TF_CONFIG": '{"cluster": [], "task": {"type": "worker", "index": 0}}'},
+                                   r"'cluster' must be an object"),
+    "TF_CONFIG cluster is 0": ({"TF_CONFIG": '{"cluster": 0}'}, r"'cluster' must be an object"),
+    "TF_CONFIG task without cluster": ({"TF_CONFIG": '{"task": {"type": "worker", "index": 3}}'},
+                                       r"but no cluster: this process would train alone as process 0"),
+    "TF_CONFIG task bool index without cluster": ({"TF_CONFIG": '{"task": {"index": true}}'}, r"but no cluster"),
+    "TF_CONFIG Arabic-Indic port": (tf_config({"worker": ["a:\u0662\u0662\u0662\u0662", "b:1"]}, "worker", 0),
+                                    r"is not 'host:port' with a port"),
+    "TF_CONFIG fullwidth port": (tf_config({"worker": ["a:\uff11", "b:1"]}, "worker", 0), r"is not 'host:port'"),
+    "TF_CONFIG underscore port": (tf_config({"worker": ["a:1_0", "b:1"]}, "worker", 0), r"is not 'host:port'"),
+    "TF_CONFIG URL as host": (tf_config({"worker": ["http://evil host/x:80", "b:1"]}, "worker", 0),
+                              r"'http://evil host/x' is not a host name \(RFC 1123\)"),
+    "TF_CONFIG empty host": (tf_config({"worker": [":80", "b:1"]}, "worker", 0), r"is not a host name"),
+    "TF_CONFIG bad IPv4": (tf_config({"worker": ["300.1.1.1:80", "b:1"]}, "worker", 0), r"is not a host name"),
+    "TF_CONFIG unbracketed IPv6": (tf_config({"worker": ["::1:80", "b:1"]}, "worker", 0), r"is not a host name"),
+    "TF_CONFIG huge cluster": ({"TF_CONFIG": json.dumps({"cluster": {"worker": ["a:1"] * 70000},
+                                                         "task": {"type": "worker", "index": 0}})},
+                               r"70000 workers is more than distadam accepts \(65536\)"),
+    "k8s fullwidth index": (k8s_env(JOB_COMPLETION_INDEX="\uff11"), r"is not an integer \(ASCII digits 0-9 only\)"),
+    "k8s Arabic-Indic index": (k8s_env(JOB_COMPLETION_INDEX="\u0661"), r"is not an integer"),
+    "k8s underscore world size": (k8s_env(world="1_0"), r"DISTADAM_WORLD_SIZE='1_0' is not an integer"),
+    "k8s signed index": (k8s_env(JOB_COMPLETION_INDEX="+1"), r"is not an integer"),
+    "k8s padded index": (k8s_env(JOB_COMPLETION_INDEX=" 1"), r"is not an integer"),
+    "k8s world size 1e9": (k8s_env(world="1e9"), r"DISTADAM_WORLD_SIZE='1e9' is not an integer"),
+    "k8s service not a DNS label": (k8s_env(DISTADAM_SERVICE="evil host/x"), r"DISTADAM_SERVICE='evil host/x' is not a"),
+    "slurm huge product": (slurm_env(0, 2, "r[1-1000]n[1-1000]"), r"names more than 65536 hosts"),
+    "logical devices huge": (
+        {"DISTADAM_LOGICAL_DEVICES": "20000", **tf_config({"worker": ["a:1", "b:1"]}, "worker", 0)}, None),
     # Disagreeing launchers
+    "TF_CONFIG vs JOB_COMPLETION_INDEX": ({**tf_config({"worker": ["a:1", "b:1"]}, "worker", 1),
+                                          "JOB_COMPLETION_INDEX": "0"},
+                                         r"TF_CONFIG says rank 1 of 2, but JOB_COMPLETION_INDEX say rank 0"),
+    "TF_CONFIG vs srun step": ({**tf_config({"worker": ["a:1", "b:1"]}, "worker", 0), "SLURM_STEP_ID": "0",
+                                "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2"},
+                               r"TF_CONFIG says rank 0 of 2, but SLURM_PROCID/SLURM_STEP_NUM_TASKS say rank 1 of 2"),
+    "TF_CONFIG vs srun step size": ({**tf_config({"worker": ["a:1", "b:1"]}, "worker", 0), "SLURM_STEP_ID": "3",
+                                     "SLURM_PROCID": "0", "SLURM_NTASKS": "4"}, r"say rank 0 of 4"),
+    "PMI vs Open MPI": ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "PMI_RANK": "0", "PMI_SIZE": "2"},
+                        r"Open MPI \(OMPI_COMM_WORLD_RANK/OMPI_COMM_WORLD_SIZE\) says rank 1 of 2, but PMI "
+                        r"\(PMI_RANK/PMI_SIZE\) says rank 0 of 2"),
+    "Horovod vs Open MPI size": ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2", "HOROVOD_RANK": "0",
+                                 "HOROVOD_SIZE": "3"}, r"but Horovod .* says rank 0 of 3"),
+    "k8s vs srun step": ({**k8s_env(index=1, world=3), "SLURM_STEP_ID": "0", "SLURM_PROCID": "2",
+                          "SLURM_NTASKS": "3"}, r"Kubernetes Indexed Job says rank 1 of 3, but SLURM_PROCID"),
     "DISTADAM_RANK disagrees": ({**tf_config({"worker": ["a:1", "b:1"]}, "worker", 1), "DISTADAM_RANK": "0"},
                                 r"TF_CONFIG says rank 1 of 2, but DISTADAM_RANK/DISTADAM_WORLD_SIZE say rank 0"),
     "MPI size disagrees": ({**tf_config({"worker": ["a:1", "b:1"]}, "worker", 0),
@@ -256,16 +300,81 @@ INVALID = {
 }
 
 
-@pytest.mark.parametrize("env, message", INVALID.values(), ids=list(INVALID))
+@pytest.mark.parametrize("env, message", [v for v in INVALID.values() if v[1]],
+                         ids=[k for k, v in INVALID.items() if v[1]])
 def test_inconsistent_environment_is_rejected_clearly(env, message):
     with pytest.raises(ValueError, match=message):
         resolve_cluster(env)
 
 
-def test_mpi_without_rendezvous_module_says_what_to_do(monkeypatch):
-    monkeypatch.setitem(sys.modules, "distadam.mpi_rendezvous", None)  # import fails, as if absent
-    monkeypatch.delattr("distadam.mpi_rendezvous", raising=False)
-    with pytest.raises(RuntimeError, match=r"rank 1 of 2, but this distadam has no distadam.mpi_rendezvous"):
+def test_huge_logical_device_count_is_rejected():
+    with pytest.raises(ValueError, match=r"DISTADAM_LOGICAL_DEVICES=20000: more than 64"):
+        cluster._logical_cpu_count({"DISTADAM_LOGICAL_DEVICES": "20000"})
+
+
+@pytest.mark.parametrize("env", [
+    {"TF_CONFIG": '{"task": {"type": "worker", "index": 0}}'},  # a single worker written by hand
+    {**tf_config({"worker": ["[::1]:2222", "127.0.0.1:2223", "node-1.example.org.:2224"]}, "worker", 1)},
+    # A hand-written TF_CONFIG run from an sbatch script (no srun step): Slurm's batch-step values differ.
+    {**tf_config({"worker": ["a:1", "b:1"]}, "worker", 1), "SLURM_PROCID": "0", "SLURM_NTASKS": "8"},
+    {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "1", "HOROVOD_RANK": "0", "HOROVOD_SIZE": "1"},
+], ids=["task-0-no-cluster", "ipv6-ipv4-fqdn", "sbatch-batch-step", "mpi-families-agree"])
+def test_valid_unusual_environments_are_accepted(env):
+    resolve_cluster(env)
+
+
+SIZE_BOMB = r"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # 1 GiB: a size bomb fails loudly, not slowly
+from distadam.cluster import resolve_cluster
+env = {"k8s": {"JOB_COMPLETION_INDEX": "0", "DISTADAM_WORLD_SIZE": "1000000000", "DISTADAM_SERVICE": "s",
+               "DISTADAM_JOB_NAME": "j"},
+       "slurm": {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NODELIST": "node[1-100000000]"},
+       "tasks": {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NODELIST": "n[1-2]",
+                 "SLURM_STEP_TASKS_PER_NODE": "1(x100000000)"},
+       "ntasks": {"SLURM_PROCID": "0", "SLURM_NTASKS": "100000000", "SLURM_STEP_NODELIST": "n1"},
+       "mpi": {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "999999999"}}[sys.argv[1]]
+try:
+    resolve_cluster(env)
+except ValueError as error:
+    print("ValueError", error)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child of a
+# pytest that has TensorFlow loaded would start at its ~0.6 GB.
+print("maxrss_kib", next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")))
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["k8s", "slurm", "tasks", "ntasks", "mpi"])
+def test_sizes_from_the_environment_are_bounded_before_allocating(kind):
+    """In a subprocess under a 1 GiB address-space limit: without the bounds
+    these grow memory until killed (or would take the test run with them)."""
+    result = subprocess.run([sys.executable, "-c", SIZE_BOMB, kind], capture_output=True, text=True,
+                            timeout=100, cwd=ROOT)
+    assert "ValueError" in result.stdout and "65536" in result.stdout, (result.stdout, result.stderr[-2000:])
+    peak_kib = int(result.stdout.split("maxrss_kib")[1])
+    assert peak_kib < 200 * 1024, f"resolving used {peak_kib / 1024:.0f} MiB"
+
+
+@pytest.mark.parametrize("interfaces, env, warned", [
+    (["lo"], {}, False),                                    # distadam launch's private namespace
+    (["lo", "eth0"], {"DISTADAM_NETWORK_CONFINED": "NetworkPolicy x"}, False),
+    (["lo", "eth0"], {}, True),
+    (None, {}, True),                                       # no /proc: nothing known
+])
+def test_exposure_warning_unless_something_confines_the_server(interfaces, env, warned):
+    spec = resolve_cluster(tf_config({"worker": ["127.0.0.1:4001", "127.0.0.1:4002"]}, "worker", 1))
+    message = cluster.exposure_warning(spec, env, interfaces=interfaces)
+    assert bool(message) == warned
+    if warned:
+        assert "port 4002" in message and "authenticates no one" in message and "DISTADAM_NETWORK_CONFINED" in message
+    single = resolve_cluster({})
+    assert cluster.exposure_warning(single, {}, interfaces=["lo", "eth0"]) is None
+
+
+def test_mpi_without_mpi4py_says_what_to_do(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import fails, as if not installed
+    with pytest.raises(RuntimeError, match=r"rank 1 of 2, and exchanging .* needs mpi4py: .*pip install"):
         resolve_cluster({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"})
 
 

@@ -2,22 +2,29 @@
 
 1. Validation: core kinds against the real Kubernetes OpenAPI schemas
    (kubernetes-validate, strict: unknown fields are errors), the TFJob and
-   MPIJob against their operators' CRD openAPIV3Schema (shared/k8s/crds),
+   MPIJob against their operators' CRD openAPIV3Schema (k8s/schemas, carried
+   in the repository; DISTADAM_SHARED=<dir> reads <dir>/k8s/crds instead),
    tightened the way the API server prunes: a field the schema does not
    declare would be silently dropped, so here it fails.
 2. Policy: every pod non-root, no privilege escalation, no capabilities,
-   requests and limits set; NetworkPolicies admit the collective ports only
-   from the job's own pods; replica counts agree wherever they are repeated.
+   read-only root filesystem, CPU/memory/ephemeral-storage requests and
+   limits, size-limited emptyDirs; NetworkPolicies admit the collective ports
+   only from the job's own pods and let the pods reach only each other and
+   cluster DNS; replica counts agree wherever they are repeated; the image is
+   pinned, multi-stage and carries no SSH host key.
 3. Execution: each job's containers run locally with what the Job controller,
    the training-operator or the mpi-operator would inject, and train a few
    steps to identical weights on every rank.
 """
 
 import copy
+import hashlib
+import ipaddress
 import json
 import os
 import shutil
 import signal
+import re
 import socket
 import subprocess
 import sys
@@ -40,18 +47,23 @@ NAMESPACE = "default"
 EXECUTION_STEPS = 4
 
 
-def shared_dir() -> Path:
+SCHEMAS = K8S / "schemas"
+
+
+def crd_dir() -> Path:
+    """The repository's copies of the operators' CRDs; DISTADAM_SHARED=<dir>
+    overrides them with <dir>/k8s/crds (e.g. to try other operator versions)."""
     override = os.environ.get("DISTADAM_SHARED")
-    path = Path(override) if override else Path(__file__).resolve().parents[2] / "shared"
-    if not (path / "k8s" / "crds").is_dir():
-        pytest.fail(f"no CRDs at {path / 'k8s' / 'crds'}: check out shared/ beside the repository "
-                    "or set DISTADAM_SHARED")
+    path = Path(override) / "k8s" / "crds" if override else SCHEMAS
+    if not sorted(path.glob("*.yaml")):
+        pytest.fail(f"no CRDs at {path}" + (" (from DISTADAM_SHARED)" if override else ""))
     return path
 
 
 # ------------------------------------------------------------------ loading
 def manifest_files():
-    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+    return sorted(p for p in K8S.rglob("*.yaml")
+                  if p.name != "kustomization.yaml" and SCHEMAS not in p.parents)
 
 
 def load_documents(path):
@@ -95,7 +107,7 @@ def strict_crd_schema(schema):
 
 def crd_schemas():
     schemas = {}
-    for path in sorted((shared_dir() / "k8s" / "crds").glob("*.yaml")):
+    for path in sorted(crd_dir().glob("*.yaml")):
         crd = yaml.safe_load(path.read_text())
         group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
         for version in crd["spec"]["versions"]:
@@ -128,7 +140,7 @@ def validate(doc, crds):
                  "metadata": {"name": f"{doc['metadata']['name']}-{replica.lower()}"}, "template": template},
                 KUBERNETES_VERSION, strict=True)
     elif doc["apiVersion"].startswith("kubeflow.org/"):
-        raise AssertionError(f"no CRD for {key} in shared/k8s/crds")
+        raise AssertionError(f"no CRD for {key} in {crd_dir()}")
     else:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
@@ -136,6 +148,22 @@ def validate(doc, crds):
 @pytest.fixture(scope="module")
 def crds():
     return crd_schemas()
+
+
+def test_schemas_are_the_recorded_upstream_files():
+    """Each CRD in k8s/schemas is the file k8s/schemas/README.md names, byte
+    for byte (its SHA-256 is recorded there), and both kinds are covered."""
+    readme = (SCHEMAS / "README.md").read_text()
+    files = sorted(SCHEMAS.glob("*.yaml"))
+    assert [f.name for f in files] == ["kubeflow.org_mpijobs.yaml", "kubeflow.org_tfjobs.yaml"]
+    for path in files:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `{path.name}`"))
+        assert f"`{digest}`" in row, f"{path.name}: SHA-256 {digest} is not the one recorded in the README"
+        assert "https://github.com/kubeflow/" in row
+    assert "Apache License 2.0" in readme
+    kinds = {yaml.safe_load(p.read_text())["spec"]["names"]["kind"] for p in files}
+    assert kinds == {"TFJob", "MPIJob"}
 
 
 @pytest.mark.parametrize("path", manifest_files(), ids=lambda p: str(p.relative_to(K8S)))
@@ -197,11 +225,18 @@ def test_every_pod_is_locked_down_and_bounded(variant):
         for container in containers_of(template):
             security = container["securityContext"]
             assert security["allowPrivilegeEscalation"] is False, container["name"]
+            assert security["readOnlyRootFilesystem"] is True, container["name"]
             assert security["capabilities"]["drop"] == ["ALL"], container["name"]
             assert "add" not in security["capabilities"]
             resources = container["resources"]
             for bound in ("requests", "limits"):
-                assert {"cpu", "memory"} <= set(resources[bound]), f"{container['name']}: {bound}"
+                assert {"cpu", "memory", "ephemeral-storage"} <= set(resources[bound]), \
+                    f"{container['name']}: {bound}"
+            writable = {m["mountPath"] for m in container.get("volumeMounts", []) if not m.get("readOnly")}
+            assert "/tmp" in writable, f"{container['name']}: a read-only root needs a writable /tmp"
+        for volume in template["spec"].get("volumes", []):
+            if "emptyDir" in volume:
+                assert volume["emptyDir"].get("sizeLimit"), f"emptyDir {volume['name']} has no sizeLimit"
             if variant == "gpu":
                 assert resources["limits"]["nvidia.com/gpu"] >= 1
             else:
@@ -241,6 +276,35 @@ def collective_ports(variant, docs):
     return ports
 
 
+DNS_PEER = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}
+DNS_PORTS = [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]
+
+
+def port_set(ports):
+    admitted = set()
+    for port in ports:
+        assert port["protocol"] == "TCP"
+        admitted |= set(range(port["port"], port.get("endPort", port["port"]) + 1))
+    return admitted
+
+
+def admits_address(rules, direction, address):
+    """Whether any rule lets traffic go to/come from a plain IP address:
+    only an ipBlock, or a rule with no peers at all, can."""
+    ip = ipaddress.ip_address(address)
+    for rule in rules:
+        peers = rule.get(direction)
+        if not peers:
+            return True  # no 'to'/'from': every address
+        for peer in peers:
+            block = peer.get("ipBlock")
+            if block and ip in ipaddress.ip_network(block["cidr"]) and not any(
+                    ip in ipaddress.ip_network(e) for e in block.get("except", [])):
+                return True
+    return False
+
+
 @pytest.mark.parametrize("variant", ["indexed-job", "tfjob", "mpijob"])
 def test_network_policy_admits_only_own_pods_on_collective_ports(variant):
     docs = kustomize_build(variant)
@@ -248,14 +312,47 @@ def test_network_policy_admits_only_own_pods_on_collective_ports(variant):
     pod_labels = [t["metadata"]["labels"] for doc in docs for _, t in pod_templates(doc)]
     selector = policy["podSelector"]["matchLabels"]
     assert all(selector.items() <= labels.items() for labels in pod_labels), "policy misses some job pods"
-    assert policy["policyTypes"] == ["Ingress"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
     admitted = set()
     for rule in policy["ingress"]:
         assert rule["from"] == [{"podSelector": {"matchLabels": selector}}], "admits pods outside the job"
-        for port in rule["ports"]:
-            assert port["protocol"] == "TCP"
-            admitted |= set(range(port["port"], port.get("endPort", port["port"]) + 1))
+        admitted |= port_set(rule["ports"])
     assert admitted == collective_ports(variant, docs)
+
+
+@pytest.mark.parametrize("variant", ["indexed-job", "tfjob", "mpijob"])
+def test_network_policy_lets_pods_reach_only_each_other_and_dns(variant):
+    docs = kustomize_build(variant)
+    policy = find(docs, "NetworkPolicy")["spec"]
+    selector = policy["podSelector"]["matchLabels"]
+    own, dns = [], []
+    for rule in policy["egress"]:
+        assert rule.get("to") and rule.get("ports"), f"an egress rule without peers or ports allows too much: {rule}"
+        if rule["to"] == [{"podSelector": {"matchLabels": selector}}]:
+            own.append(port_set(rule["ports"]))
+        elif rule["to"] == [DNS_PEER]:
+            assert sorted(rule["ports"], key=str) == sorted(DNS_PORTS, key=str)
+            dns.append(rule)
+        else:
+            raise AssertionError(f"egress to something outside the job: {rule['to']}")
+    assert own == [collective_ports(variant, docs)] and len(dns) == 1
+    for address in ("169.254.169.254", "fd00:ec2::254", "8.8.8.8", "10.0.0.1"):  # metadata, Internet, other pods
+        assert not admits_address(policy["egress"], "to", address), address
+        assert not admits_address(policy["ingress"], "from", address), address
+
+
+@pytest.mark.parametrize("variant", ["indexed-job", "tfjob"])
+def test_collective_servers_name_what_confines_them(variant):
+    """strategy_from_env() warns unless DISTADAM_NETWORK_CONFINED names the
+    confinement: here the NetworkPolicy that selects these very pods."""
+    docs = kustomize_build(variant)
+    policy = find(docs, "NetworkPolicy")
+    for doc in docs:
+        for _, template in pod_templates(doc):
+            for container in template["spec"]["containers"]:
+                env = {e["name"]: e.get("value") for e in container.get("env", [])}
+                assert env.get("DISTADAM_NETWORK_CONFINED") == f"NetworkPolicy {policy['metadata']['name']}"
+                assert policy["spec"]["podSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
 
 
 def test_replica_counts_agree():
@@ -278,6 +375,20 @@ def test_tfjob_matches_what_the_training_operator_injects_into():
         assert any(p["name"] == "tfjob-port" for p in container["ports"])
 
 
+def dockerfile_stages(text):
+    """[(FROM line, [instruction lines])] per stage, continuation lines joined."""
+    stages, logical = [], []
+    for line in text.replace("\\\n", " ").splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            logical.append(line.strip())
+    for line in logical:
+        if line.startswith("FROM "):
+            stages.append((line, []))
+        elif stages:
+            stages[-1][1].append(line)
+    return stages
+
+
 def test_dockerfile_builds_what_the_manifests_run():
     dockerfile = (K8S / "Dockerfile").read_text()
     assert "ARG BASE_IMAGE=" in dockerfile and "ARG TF_EXTRA=" in dockerfile
@@ -286,24 +397,48 @@ def test_dockerfile_builds_what_the_manifests_run():
     copied = []
     for line in dockerfile.splitlines():
         words = line.split()
-        if words[:1] == ["COPY"]:
+        if words[:1] == ["COPY"] and not any(w.startswith("--from=") for w in words):
             sources = [w for w in words[1:-1] if not w.startswith("--")]
             copied += sources
             missing = [source for source in sources if not (ROOT / source).exists()]
             assert not missing, f"Dockerfile copies {missing}, which the repository lacks"
-    assert {"distadam", "examples", "pyproject.toml"} <= set(copied)
+    assert {"distadam", "examples", "pyproject.toml", "constraints.txt"} <= set(copied)
     ignore = (K8S / "Dockerfile.dockerignore").read_text().split()
     assert all(f"!{source}" in ignore or f"!{source}/" in ignore for source in copied), \
         "a COPY source is excluded from the build context by Dockerfile.dockerignore"
-    # Every manifest's training command refers to a file the image contains.
+    # Every manifest's command refers to a file the image contains.
     for path, doc in all_raw_documents():
         for _, template in pod_templates(doc):
             for container in template["spec"]["containers"]:
                 assert container["image"].split(":")[0] == "distadam"
                 words = container.get("command", []) + container.get("args", [])
                 for word in words:
-                    if word.endswith(".py"):
+                    if word.endswith((".py", ".sh")):
                         assert (ROOT / word).is_file(), f"{path}: {word} is not in the image"
+
+
+def test_image_is_pinned_multi_stage_and_holds_no_ssh_secrets():
+    dockerfile = (K8S / "Dockerfile").read_text()
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", dockerfile, re.M).group(1)
+    assert re.fullmatch(r"[\w./:-]+@sha256:[0-9a-f]{64}", base), f"base image not pinned by digest: {base}"
+    assert base.split("@")[1] in (K8S / "README.md").read_text(), "k8s/README.md does not record the digest"
+    stages = dockerfile_stages(dockerfile)
+    assert len(stages) >= 2 and stages[0][0].endswith(" AS build"), [s[0] for s in stages]
+    assert all(line.startswith("FROM ${BASE_IMAGE}") for line, _ in stages)
+    build, final = stages[0][1], stages[-1][1]
+    assert any(re.search(r"\bg\+\+", line) for line in build), "the build stage no longer builds Horovod?"
+    for line in final:
+        assert not re.search(r"\b(g\+\+|gcc|make|cmake|build-essential)\b", line), f"toolchain in the image: {line}"
+    pip_installs = [line for line in build if "pip install" in line]
+    assert pip_installs and all("-c constraints.txt" in line for line in pip_installs)
+    assert any(line.startswith("COPY --from=build /opt/venv") for line in final)
+    # No host key baked into the image, and no trust-on-first-use anywhere.
+    for text in (dockerfile, *(p.read_text() for p in manifest_files())):
+        assert "ssh-keygen" not in text
+        assert not re.search(r"StrictHostKeyChecking\s+no", text)
+        assert "UserKnownHostsFile /dev/null" not in text
+    assert re.search(r"StrictHostKeyChecking yes", dockerfile)
+    assert "rm -rf /var/lib/apt/lists/* /etc/ssh/ssh_host_*" in dockerfile  # the package's own host keys
 
 
 # ---------------------------------------------------------------- execution
@@ -518,18 +653,87 @@ def test_mpijob_runs_horovod_training(tmp_path):
     worker_container = worker_template["spec"]["containers"][0]
     launcher_template["spec"]["containers"][0]["volumeMounts"] += [
         m for m in worker_container["volumeMounts"] if m["mountPath"] == "/checkpoints"]
-    injected = {"OMPI_MCA_orte_default_hostfile": str(hostfile)}
+    # The job's SSH key, which the operator generates and mounts at sshAuthMountPath.
+    auth = job_ssh_key(tmp_path / "job-ssh")
+    injected = {"OMPI_MCA_orte_default_hostfile": str(hostfile), "DISTADAM_SSH_AUTH_DIR": str(auth)}
     if os.geteuid() == 0:  # the image runs as uid 1000; this test machine may not
         injected.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     launcher = LocalPod(f"{mpijob['metadata']['name']}-launcher", launcher_template, "launcher", injected,
                         tmp_path)
 
     words = launcher.command(FEW_STEPS)
-    assert words[0] == "horovodrun"
+    assert words[:3] == ["bash", "scripts/mpijob_launcher.sh", "horovodrun"]
     words[words.index("--hostfile") + 1] = str(hostfile)
     words[words.index("--network-interface") + 1] = "lo"
     words[words.index("python")] = sys.executable
-    words[0] = str(Path(sys.executable).parent / "horovodrun")
+    words[2] = str(Path(sys.executable).parent / "horovodrun")
     run_pods([launcher], [words])
+    known_hosts = Path(launcher.env["DISTADAM_SSH_KNOWN_HOSTS"]).read_text()
+    assert known_hosts == f"@cert-authority * {(auth / 'id_rsa.pub').read_text().strip()}\n"
     assert_ranks_agree(tmp_path / "pvc" / "distadam-checkpoints", "distadam-digits-mpi-{rank}.npz",
                        workers * slots)
+
+
+def job_ssh_key(directory):
+    """What the mpi-operator mounts at sshAuthMountPath: the job's key pair
+    (ECDSA, as the operator generates it) under the names it uses."""
+    directory.mkdir(parents=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-N", "", "-C", "job", "-f", str(directory / "id_rsa")],
+                   check=True, timeout=30)
+    (directory / "authorized_keys").write_text((directory / "id_rsa.pub").read_text())
+    return directory
+
+
+def fingerprint(path):
+    out = subprocess.run(["ssh-keygen", "-l", "-f", str(path)], capture_output=True, text=True, check=True,
+                         timeout=30).stdout
+    return out.split()[1]
+
+
+@pytest.mark.timeout(120)
+def test_mpijob_ssh_host_keys_are_per_pod_and_verified_within_the_job(tmp_path):
+    """The workers' command runs for real, as two pods, up to the point where
+    it would exec sshd (not installed here: DISTADAM_SSHD records the call):
+    each pod makes its own host key, certified for its DNS names by the job
+    key, and the launcher's known_hosts trusts exactly that key."""
+    (mpijob,) = load_documents(K8S / "mpijob" / "mpijob.yaml")
+    spec = mpijob["spec"]
+    name, auth_path = mpijob["metadata"]["name"], spec["sshAuthMountPath"]
+    worker_template = spec["mpiReplicaSpecs"]["Worker"]["template"]
+    launcher_template = spec["mpiReplicaSpecs"]["Launcher"]["template"]
+    for template in (worker_template, launcher_template):
+        env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0]["env"]}
+        assert env["DISTADAM_SSH_AUTH_DIR"] == auth_path
+    auth = job_ssh_key(tmp_path / "job-ssh")
+    other_job = job_ssh_key(tmp_path / "other-job-ssh")
+    recorder = tmp_path / "sshd"
+    recorder.write_text("#!/usr/bin/env bash\nprintf '%s\\n' \"$@\" > \"$TMPDIR/sshd.args\"\n")
+    recorder.chmod(0o755)
+
+    certificates = []
+    for index in range(2):
+        pod = LocalPod(f"{name}-worker-{index}", worker_template, "worker",
+                       {"DISTADAM_SSH_AUTH_DIR": str(auth), "DISTADAM_SSHD": str(recorder)}, tmp_path)
+        pod.env["TMPDIR"] = str(pod.mounts["/tmp"])  # the pod's /tmp emptyDir
+        run_pods([pod], [pod.command()])
+        sshd_dir = pod.mounts["/tmp"] / "sshd"
+        args = (pod.mounts["/tmp"] / "sshd.args").read_text().split()
+        assert args == ["-De", "-f", str(sshd_dir / "sshd_config")]
+        config = (sshd_dir / "sshd_config").read_text()
+        assert f"HostCertificate {sshd_dir}/host_ed25519_key-cert.pub" in config
+        assert "PasswordAuthentication no" in config and "Port 2222" in config
+        cert = subprocess.run(["ssh-keygen", "-L", "-f", str(sshd_dir / "host_ed25519_key-cert.pub")],
+                              capture_output=True, text=True, check=True, timeout=30).stdout
+        assert "host certificate" in cert
+        assert fingerprint(auth / "id_rsa.pub") in cert and fingerprint(other_job / "id_rsa.pub") not in cert
+        for principal in (f"{name}-worker-{index}.{name}.{NAMESPACE}.svc", f"{name}-worker-{index}"):
+            assert re.search(rf"^\s+{re.escape(principal)}$", cert, re.M), cert
+        certificates.append(fingerprint(sshd_dir / "host_ed25519_key.pub"))
+    assert certificates[0] != certificates[1], "two pods share a host key"
+
+    launcher = LocalPod(f"{name}-launcher", launcher_template, "launcher", {"DISTADAM_SSH_AUTH_DIR": str(auth)},
+                        tmp_path)
+    words = launcher.command()
+    run_pods([launcher], [words[:2] + ["true"]])
+    known_hosts = Path(launcher.env["DISTADAM_SSH_KNOWN_HOSTS"]).read_text().splitlines()
+    assert known_hosts == [f"@cert-authority * {(auth / 'id_rsa.pub').read_text().strip()}"]

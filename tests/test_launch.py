@@ -1,9 +1,12 @@
 """distadam-launch: real multi-worker training of the main job, and the
 failure paths (failed rank, timeout, signals, restarts) leave no process behind."""
 
+import ipaddress
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,6 +36,12 @@ def clean_env():
 def console_script():
     script = Path(sys.executable).with_name("distadam-launch")
     return [str(script)] if script.exists() else [sys.executable, "-m", "distadam.launch"]
+
+
+def probe(*options, nproc=2, network="private", pid_dir):
+    """The launcher running launch_probe.py workers."""
+    return [*console_script(), "--nproc", str(nproc), "--network", network, "--grace-period", "1",
+            "--no-python", sys.executable, str(PROBE), "--pid-dir", str(pid_dir), *options]
 
 
 def start(command, **kwargs):
@@ -89,11 +98,14 @@ def assert_no_survivors(pids, within=10.0):
     assert not alive, f"processes left behind: {alive}"
 
 
-def wait_for_files(directory, pattern, count, timeout=60.0):
+def wait_for_files(directory, pattern, count, timeout=60.0, proc=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if len(list(Path(directory).glob(pattern))) >= count:
             return
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the launcher exited ({proc.returncode}) early:\n{out[-2000:]}\n{err[-3000:]}")
         time.sleep(0.1)
     pytest.fail(f"only {len(list(Path(directory).glob(pattern)))} of {count} {pattern} files appeared")
 
@@ -245,16 +257,17 @@ def test_signals_are_forwarded_to_every_worker(tmp_path, signum):
 
 
 @pytest.mark.timeout(120)
-def test_workers_die_with_a_sigkilled_launcher(tmp_path):
-    if not sys.platform.startswith("linux"):
-        pytest.skip("PR_SET_PDEATHSIG is Linux-only")
-    proc = start([*console_script(), "--nproc", "2", "--no-python", sys.executable, str(PROBE),
-                  "--pid-dir", str(tmp_path)])
+def test_every_descendant_dies_with_a_sigkilled_launcher(tmp_path):
+    """Workers, their children and a setsid double-forked daemon: the PID
+    namespace's init dies with the launcher, and the kernel kills the rest."""
+    proc = start(probe("--spawn-child", "--daemon", pid_dir=tmp_path))
     try:
         wait_for_files(tmp_path, "*.pids", 2)
+        pids = recorded_pids(tmp_path)
+        assert len(pids) == 6  # per rank: worker, child, daemon
         os.kill(proc.pid, signal.SIGKILL)  # the launcher only, not its group
         proc.wait(timeout=10)
-        assert_no_survivors(recorded_pids(tmp_path))
+        assert_no_survivors(pids)
     finally:
         kill_group(proc)
         for pid in recorded_pids(tmp_path):
@@ -296,6 +309,289 @@ def test_output_lines_are_prefixed_per_stream(tmp_path):
     assert_no_survivors(recorded_pids(tmp_path))
 
 
+# --------------------------------------------------- every descendant
+EXIT_PATHS = {
+    "success": (["--sleep", "0"], 0),
+    "failure": (["--fail-rank", "1", "--exit-code", "3"], 3),
+    "timeout": (["--timeout-marker"], launch.EXIT_TIMEOUT),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("network", ["private", "host"])
+@pytest.mark.parametrize("path", EXIT_PATHS)
+def test_detached_descendants_die_on_every_exit_path(tmp_path, path, network):
+    """A worker's daemon (fork, setsid, fork) is in no worker process group:
+    the PID namespace (private) or the subreaper (host) still catches it."""
+    options, expected = EXIT_PATHS[path]
+    command = probe("--daemon", *options, network=network, pid_dir=tmp_path)
+    if path == "timeout":
+        command.remove("--timeout-marker")
+        command[1:1] = ["--timeout", "8"]
+    code, _, stderr = run(command, timeout=90)
+    assert code == expected, stderr
+    pids = recorded_pids(tmp_path)
+    assert len(pids) == 4, pids  # per rank: worker and daemon
+    assert_no_survivors(pids, within=5)
+
+
+@pytest.mark.timeout(120)
+def test_signal_stops_detached_descendants(tmp_path):
+    proc = start(probe("--daemon", pid_dir=tmp_path))
+    try:
+        wait_for_files(tmp_path, "*.pids", 2)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert_no_survivors(recorded_pids(tmp_path), within=5)
+
+
+# ------------------------------------------------------------- network
+def listening_sockets(pid):
+    """(address, port) of every TCP socket ``pid`` holds in LISTEN state, from
+    its network namespace's /proc/PID/net/tcp and tcp6."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    found = []
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        path = Path(f"/proc/{pid}/net/{table}")
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state != "0A" or inode not in inodes:  # 0A: TCP_LISTEN
+                continue
+            hex_address, hex_port = local.split(":")
+            raw = bytes.fromhex(hex_address)
+            # /proc prints each 32-bit word in host (little-endian) order.
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            found.append((ipaddress.ip_address(socket.inet_ntop(family, raw)), int(hex_port, 16)))
+    return found
+
+
+def network_namespace(pid="self"):
+    return os.stat(f"/proc/{pid}/ns/net").st_ino
+
+
+@pytest.mark.timeout(240)
+def test_workers_expose_nothing_beyond_loopback(tmp_path):
+    """TensorFlow's gRPC server binds every interface. Read from the socket
+    table while a real 2-worker MultiWorkerMirroredStrategy job runs: every
+    listening socket of every worker is on a loopback address, or lives in a
+    network namespace other than the machine's whose only interface is lo.
+    The only traffic sent is to 127.0.0.1."""
+    listen_probe = ROOT / "tests" / "workers" / "listen_probe.py"
+    proc = start([*console_script(), "--nproc", "2", "--timeout", "200", str(listen_probe), str(tmp_path)])
+    try:
+        wait_for_files(tmp_path, "*.ready", 2, timeout=180, proc=proc)
+        for ready in sorted(tmp_path.glob("*.ready")):
+            worker = json.loads(ready.read_text())
+            sockets = listening_sockets(worker["pid"])
+            assert worker["port"] in {port for _, port in sockets}, (worker, sockets)
+            private = (network_namespace(worker["pid"]) != network_namespace()
+                       and launch.network_interfaces(worker["pid"]) == ["lo"])
+            exposed = [(str(address), port) for address, port in sockets if not address.is_loopback]
+            assert private or not exposed, f"{ready.name}: listening beyond loopback on {exposed}"
+            # From the machine's own namespace the worker's port is not there.
+            with socket.socket() as probe_socket, pytest.raises(ConnectionRefusedError):
+                probe_socket.settimeout(5)
+                probe_socket.connect(("127.0.0.1", worker["port"]))
+        (tmp_path / "stop").write_text("")
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "ExposedServerWarning" not in stderr  # strategy_from_env knows the namespace confines it
+
+
+@pytest.mark.timeout(240)
+def test_host_network_is_an_explicit_loud_choice(tmp_path):
+    """--network host: the launcher says what it costs, and so does every
+    worker's strategy_from_env (nothing known confines its server)."""
+    listen_probe = ROOT / "tests" / "workers" / "listen_probe.py"
+    (tmp_path / "stop").write_text("")  # report, then exit at once
+    code, _, stderr = run([*console_script(), "--nproc", "2", "--network", "host", "--timeout", "200",
+                           str(listen_probe), str(tmp_path)], timeout=230)
+    assert code == 0, stderr[-3000:]
+    assert "WARNING: --network host: the workers' TensorFlow gRPC servers listen on EVERY interface" in stderr
+    for rank in range(2):
+        assert f"[rank {rank}] " in stderr and f"ExposedServerWarning: TensorFlow's gRPC server for worker {rank}" \
+            in stderr, stderr[-3000:]
+
+
+def test_launcher_refuses_when_no_private_network_can_be_made(tmp_path, monkeypatch, capsys):
+    (tmp_path / "x.py").write_text("")
+
+    def fail(self, private_network):
+        raise launch.SandboxError("unshare() failed: Operation not permitted")
+
+    monkeypatch.setattr(launch.Sandbox, "__init__", fail)
+    assert launch.main(["--nproc", "2", str(tmp_path / "x.py")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot give the workers a private network (unshare() failed" in err
+    assert "pass --network host" in err
+
+
+# -------------------------------------------------------------- output
+@pytest.mark.timeout(120)
+def test_a_huge_line_does_not_grow_the_launcher(tmp_path):
+    """400 MiB without a newline, relayed to /dev/null: the launcher's peak
+    RSS (and its workers', all below the wrapper) stays far below it."""
+    wrapper = ("import resource, subprocess, sys\n"
+               "subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, check=True, timeout=100)\n"
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n")
+    code, stdout, stderr = run([sys.executable, "-c", wrapper,
+                                *probe("--sleep", "0", "--long-line-mib", "400", nproc=1, pid_dir=tmp_path)],
+                               timeout=110)
+    assert code == 0, stderr[-3000:]
+    peak_mib = int(stdout.split()[-1]) / 1024
+    assert peak_mib < 150, f"the launcher peaked at {peak_mib:.0f} MiB relaying one 400 MiB line"
+
+
+@pytest.mark.timeout(60)
+def test_long_lines_are_split_and_progress_bars_keep_their_prefix(tmp_path):
+    # Bytes, not text: universal newlines would turn every \r into \n.
+    proc = subprocess.Popen(probe("--sleep", "0", "--long-line-mib", "1", "--progress", nproc=1,
+                                  pid_dir=tmp_path), cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=50)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 0, err[-3000:]
+    stdout = out.decode()
+    pieces = [p for p in re.split(r"\r\n|\r|\n", stdout) if p]
+    assert all(p.startswith("[rank 0] ") for p in pieces), [p[:40] for p in pieces if not p.startswith("[rank")]
+    # Redrawn in place, the prefix on every update; "\r\n" ends the bar's line.
+    assert "[rank 0] 1/3 [=  ]\r[rank 0] 2/3 [== ]\r[rank 0] 3/3 [===]\n" in stdout
+    long = [p[len("[rank 0] "):] for p in pieces if p.endswith("x" * 100)]
+    assert "".join(long).endswith("x" * (1 << 20))
+    assert max(len(p) for p in long) <= launch.MAX_LINE_BYTES
+
+
+def test_split_output_keeps_characters_and_crlf_whole():
+    text = ("é" * launch.MAX_LINE_BYTES).encode()  # 2 bytes each: the cut falls inside one
+    buffer = bytearray(text)
+    pieces = launch.split_output(buffer, final=True)
+    assert b"".join(raw for raw, _ in pieces) == text
+    assert all(raw.decode() for raw, _ in pieces)  # every piece is valid UTF-8
+    buffer = bytearray(b"a\r")
+    assert launch.split_output(buffer) == []  # may be the first half of "\r\n"
+    buffer += b"\nb\rc"
+    assert launch.split_output(buffer) == [(b"a", "\n"), (b"b", "\r")]
+    assert launch.split_output(buffer, final=True) == [(b"c", "\n")]
+
+
+# ------------------------------------------------------ no TensorFlow
+NO_TENSORFLOW = r"""
+import sys
+import distadam, distadam.launch, distadam.cluster
+from distadam.__main__ import main
+distadam.resolve_cluster({})
+assert main(["plan", "--params", "7e9", "--workers", "64"]) == 0
+try:
+    main(["launch", "--help"])
+except SystemExit:
+    pass
+loaded = sorted(m for m in ("tensorflow", "keras", "numpy") if m in sys.modules)
+print("LOADED", loaded, "VmHWM", next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_launcher_cluster_and_plan_never_import_tensorflow():
+    result = subprocess.run([sys.executable, "-c", NO_TENSORFLOW], cwd=ROOT, env=clean_env(),
+                            capture_output=True, text=True, timeout=50)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(l for l in result.stdout.splitlines() if l.startswith("LOADED"))
+    assert line.startswith("LOADED []"), line
+
+
+def test_package_names_load_on_first_use():
+    import distadam
+
+    assert distadam.ShardedAdam.__name__ == "ShardedAdam"
+    assert distadam.strategy_from_env is __import__("distadam.cluster").cluster.strategy_from_env
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        distadam.Nope  # noqa: B018
+
+
+@pytest.mark.timeout(60)
+def test_missing_tensorflow_is_named():
+    code = ("import sys; sys.modules['tensorflow'] = None\n"
+            "import distadam\n"
+            "try:\n    distadam.ShardedAdam\nexcept ModuleNotFoundError as e:\n    print(e)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(), capture_output=True,
+                            text=True, timeout=50)
+    assert "distadam needs TensorFlow >= 2.16" in result.stdout, result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_distadam_launch_subcommand(tmp_path):
+    script = Path(sys.executable).with_name("distadam")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "distadam"]
+    code, stdout, stderr = run([*command, "launch", "--nproc", "2", "--no-python", sys.executable,
+                                str(PROBE), "--pid-dir", str(tmp_path), "--sleep", "0"], timeout=50)
+    assert code == 0, stderr
+    assert "[rank 1] hello from rank 1 of 2" in stdout
+    code, stdout, _ = run([*command, "--help"], timeout=50)
+    assert code == 0 and "launch" in stdout and "plan" in stdout
+
+
+# ------------------------------------------------------- launch scripts
+LAUNCH_SCRIPTS = ["local.sh", "horovodrun_local.sh", "mpirun_local.sh", "slurm.sbatch"]
+
+
+@pytest.mark.parametrize("name", LAUNCH_SCRIPTS)
+def test_launch_scripts_share_names_venv_and_port(name):
+    text = (ROOT / "launch" / name).read_text()
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert ". launch/common.sh" in code, "finds the venv its own way"
+    assert not re.search(r"\bNP\b", code), "NP instead of NPROC"
+    assert "29500" not in text and "DISTADAM_PORT=" not in code, "a default port other than distadam's 2222"
+    assert not re.search(r"(^|\s)python3?\s", code), "a bare python instead of the venv's"
+
+
+def fake_bin(directory, name, body):
+    directory.mkdir(exist_ok=True)
+    path = directory / name
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+    return directory
+
+
+@pytest.mark.timeout(60)
+def test_slurm_script_runs_the_venv_python_on_distadams_port(tmp_path):
+    bin_dir = fake_bin(tmp_path / "bin", "srun", 'echo "PORT=${DISTADAM_PORT:-unset}"; printf "%s\\n" "$@"\n')
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_SUBMIT_DIR": str(ROOT), "DISTADAM_PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(ROOT / "launch" / "slurm.sbatch"), "--epochs", "3"], env=env,
+                            capture_output=True, text=True, timeout=50)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["PORT=unset", "--distribution=block", sys.executable,
+                                          "examples/train_digits.py", "--epochs", "3"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("script, tool", [("horovodrun_local.sh", "horovodrun"), ("mpirun_local.sh", "mpirun")])
+def test_horovod_scripts_say_how_to_get_horovod(tmp_path, script, tool):
+    python_dir = tmp_path / "venv" / "bin"  # a venv without Horovod / Open MPI
+    python_dir.mkdir(parents=True)
+    (python_dir / "python").symlink_to(sys.executable)
+    result = subprocess.run(["bash", str(ROOT / "launch" / script)], capture_output=True, text=True, timeout=50,
+                            env={"PATH": "/usr/bin:/bin", "DISTADAM_PYTHON": str(python_dir / "python")})
+    assert result.returncode == 1, result.stderr
+    assert f"{tool} not found" in result.stderr and "run ./dev setup horovod" in result.stderr
+
+
 # ------------------------------------------------------------ pure parts
 def test_worker_environments_describe_one_local_cluster():
     inherited = {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8", "SLURM_PROCID": "3",
@@ -321,7 +617,22 @@ def test_single_worker_gets_logical_devices_and_no_tf_config():
 @pytest.mark.parametrize("argv, message", [
     (["--nproc", "2", "--devices-per-worker", "2", "x.py"], "needs --nproc 1"),
     (["--nproc", "0", "x.py"], "at least 1"),
+    (["--nproc", "10000", "x.py"], "--nproc 10000 is more than 256 local worker processes"),
+    (["--nproc", "1_0", "x.py"], "expected a whole number in ASCII digits, got '1_0'"),
+    (["--nproc", "\uff11", "x.py"], "expected a whole number in ASCII digits"),
+    (["--nproc", "\u0662", "x.py"], "expected a whole number in ASCII digits"),
+    (["--nproc", "9" * 5000, "x.py"], "out of range"),
+    (["--nproc", "1", "--devices-per-worker", "20000", "x.py"], "--devices-per-worker 20000 is more than 64"),
+    (["--restarts", "1000000", "x.py"], "--restarts 1000000 is more than 100"),
     (["--timeout", "0", "x.py"], "--timeout must be positive"),
+    (["--timeout", "nan", "x.py"], "expected a finite number of seconds >= 0, got 'nan'"),
+    (["--timeout", "inf", "x.py"], "got 'inf'"),
+    (["--timeout", "-5", "x.py"], "got '-5'"),
+    (["--grace-period", "-1", "x.py"], "got '-1'"),
+    (["--grace-period", "nan", "x.py"], "got 'nan'"),
+    (["--grace-period", "inf", "x.py"], "got 'inf'"),
+    (["--grace-period", "1e300", "x.py"], "--grace-period 1e+300 is more than 3600 seconds"),
+    (["--network", "bridge", "x.py"], "invalid choice: 'bridge'"),
     (["-m", "--no-python", "x"], "exclude each other"),
     (["--nproc", "2", "no/such/train.py"], "no such script: 'no/such/train.py'"),
     (["--no-python", "no-such-program-xyz"], "not an executable on PATH"),

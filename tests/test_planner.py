@@ -3,6 +3,9 @@ variables (in process, default strategy) and against the benchmark's
 measurements under MirroredStrategy(N) (benchmarks/results/results.json)."""
 
 import json
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import keras
@@ -118,10 +121,19 @@ def test_cli_prints_the_table(capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["plan", "--params", "0", "--workers", "4"], "--params must be a positive whole number"),
-        (["plan", "--params", "1e6", "--workers", "0"], "workers must be a positive integer"),
+        (["plan", "--params", "0", "--workers", "4"], "argument --params: expected a positive whole number"),
+        (["plan", "--params", "1e6", "--workers", "0"], "argument --workers: expected a whole number from 1"),
         (["plan", "--params", "1e6", "--workers", "2", "--master-weights"], "16-bit"),
         (["plan", "--model", "/nonexistent.keras", "--workers", "2"], "cannot load a Keras model"),
+        # Issue 14: no traceback, and the flag is named.
+        (["plan", "--params", "inf", "--workers", "2"], "argument --params: expected a positive whole number"),
+        (["plan", "--params", "nan", "--workers", "2"], "argument --params: expected a positive whole number"),
+        (["plan", "--params", "1e400", "--workers", "2"], "argument --params: expected a positive whole number"),
+        (["plan", "--params", "1.5", "--workers", "2"], "argument --params: expected a positive whole number"),
+        (["plan", "--params", "1_000", "--workers", "2"], "argument --params: expected a positive whole number"),
+        (["plan", "--params", "1e6", "--workers", "\uff12"], "argument --workers: expected a whole number"),
+        (["plan", "--params", "1e6", "--workers", "10000000"], "argument --workers: expected a whole number"),
+        (["plan", "--params", "1e6", "--workers", "2", "--accumulation", "1"], "argument --accumulation"),
     ],
 )
 def test_cli_errors_name_the_problem(argv, message, capsys):
@@ -129,6 +141,68 @@ def test_cli_errors_name_the_problem(argv, message, capsys):
         cli(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_variables_from_count_rejects_non_finite_by_flag_name():
+    for bad in (float("inf"), float("nan"), 0.5, -3.0, 1e16):
+        with pytest.raises(ValueError, match="--params must be a positive whole number"):
+            planner.variables_from_count(bad, "float32")
+
+
+def keras_file_declaring(path, layers, input_dim):
+    """A .keras zip with only config.json (and metadata): what the model
+    declares, not weights: the file stays a few kB whatever the shapes."""
+    config = {"module": "keras", "class_name": "Sequential", "registered_name": None, "config": {
+        "name": "declared", "trainable": True, "dtype": "float32",
+        "layers": [{"module": "keras.layers", "class_name": "InputLayer", "registered_name": None,
+                    "config": {"batch_shape": [None, input_dim], "dtype": "float32", "name": "input"}}] + layers}}
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("config.json", json.dumps(config))
+        archive.writestr("metadata.json", json.dumps({"keras_version": keras.__version__}))
+    return path
+
+
+PLAN_RSS = r"""
+import resource, subprocess, sys
+result = subprocess.run([sys.executable, "-m", "distadam", "plan", "--model", sys.argv[1], "--workers", "8",
+                         "--json"], capture_output=True, text=True, timeout=150)
+print(result.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+print(result.stdout)
+print(result.stderr[-2000:], file=sys.stderr)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_plan_model_reads_shapes_without_allocating_weights(tmp_path):
+    """A file of a few kB declaring Dense 20000x20000 (1.6 GB of float32 weights):
+    planning it must not allocate them. Peak RSS of the planner process,
+    measured by a wrapper (TensorFlow alone is ~0.6 GB)."""
+    dense = lambda name, units: {"module": "keras.layers", "class_name": "Dense", "registered_name": None,  # noqa: E731
+                                 "config": {"name": name, "units": units}}
+    path = keras_file_declaring(tmp_path / "big.keras", [dense("big", 20000), dense("head", 10)], 20000)
+    assert path.stat().st_size < 20_000
+    result = subprocess.run([sys.executable, "-c", PLAN_RSS, str(path)], capture_output=True, text=True,
+                            timeout=170, cwd=Path(__file__).resolve().parents[1])
+    code, peak_kib = map(int, result.stdout.split("\n", 1)[0].split())
+    assert peak_kib < 1200 * 1024, f"planning a declared 1.6 GB model peaked at {peak_kib / 1024:.0f} MiB"
+    assert code == 0, result.stderr
+    plan = json.loads(result.stdout.split("\n", 1)[1])
+    assert plan["params"] == 20000 * 20000 + 20000 + 20000 * 10 + 10
+
+
+def test_plan_model_rejects_what_is_not_a_model(tmp_path):
+    not_zip = tmp_path / "x.keras"
+    not_zip.write_bytes(b"\x89HDF\r\n")
+    no_config = tmp_path / "empty.keras"
+    with zipfile.ZipFile(no_config, "w") as archive:
+        archive.writestr("metadata.json", "{}")
+    lambda_layer = keras_file_declaring(tmp_path / "lambda.keras", [{
+        "module": "keras.layers", "class_name": "Lambda", "registered_name": None,
+        "config": {"name": "l", "function": {"class_name": "__lambda__", "config": {"code": "x", "defaults": None,
+                                                                                  "closure": None}}}}], 3)
+    for path in (not_zip, no_config, lambda_layer):
+        with pytest.raises(ValueError, match="cannot load a Keras model"):
+            planner.variables_from_model(str(path))
 
 
 def test_native_reduce_scatter_row_matches_the_all_to_all_prototype():
