@@ -73,7 +73,7 @@ import re
 import zipfile
 from typing import Sequence
 
-from distadam.partition import plan_layout
+from distadam.partition import DEFAULT_BUCKET_ELEMENTS, plan_layout
 
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 MASTER_DTYPE = "float32"
@@ -105,6 +105,9 @@ class Plan:
     padding_elements: int
     comm: dict  # name -> bytes sent per worker per optimizer update
     options: dict
+    # Per row-sparse variable (matched by row_sparse patterns): its state and
+    # traffic per worker under each placement, and Keras Adam's.
+    placements: list = dataclasses.field(default_factory=list)
 
     @property
     def adam_total(self) -> int:
@@ -157,10 +160,18 @@ def plan(
     ema: bool = False,
     accumulation_steps: int | None = None,
     master_weights: bool = False,
-    bucket_elements: int | None = None,
+    bucket_elements: int | None = DEFAULT_BUCKET_ELEMENTS,
     shard_alignment: int = 1,
+    replicate: Sequence[str] = (),
+    row_sparse: Sequence[str] = ("embeddings",),
+    rows_per_step: int | None = None,
 ) -> Plan:
-    """Per-worker memory and communication for ``variables`` on ``workers``."""
+    """Per-worker memory and communication for ``variables`` on ``workers``,
+    with ShardedAdam's layout for the same arguments (``replicate`` and
+    ``row_sparse`` patterns match variable names as the optimizer's do).
+    ``rows_per_step``: rows of each row-sparse variable one worker's gradient
+    holds per micro-step (e.g. batch x ids per example); without it their
+    gradients are counted dense."""
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     if accumulation_steps is not None and (not isinstance(accumulation_steps, int) or accumulation_steps < 2):
@@ -190,8 +201,13 @@ def plan(
     for kind in state_kinds_all:
         adam[kind] = sum(math.prod(v.shape) * kind_itemsize(kind, v.dtype) for v in variables)
 
+    if rows_per_step is not None and (not isinstance(rows_per_step, int) or rows_per_step < 1):
+        raise ValueError(f"rows_per_step must be a positive integer, got {rows_per_step!r}")
+    names = [v.name for v in variables]
+    replicated = [i for i, name in enumerate(names) if any(p in name for p in replicate)]
+    separate = [i for i, name in enumerate(names) if any(p in name for p in row_sparse)]
     layout = plan_layout(list(variables), num_shards=workers, bucket_elements=bucket_elements,
-                         shard_alignment=shard_alignment)
+                         shard_alignment=shard_alignment, replicated=replicated, separate=separate)
     sharded = {"params": param_bytes, "grads": param_bytes}
     for kind in state_kinds_all:
         sharded[kind] = sum(b.shard_size * kind_itemsize(kind, b.dtype) for b in layout.buckets)
@@ -209,14 +225,76 @@ def plan(
         "zero1_reduce_scatter_all_gather": micro * padded_bytes * frac + padded_bytes * frac,
         "sharded_allreduce_slice": micro * 2 * padded_bytes * frac + padded_bytes * frac,
     }
+    sparse = set(separate) if rows_per_step else set()
+    comm["sharded_as_configured"] = sum(
+        _bucket_bytes(b, n, micro, rows_per_step if _sparse_bucket(b, sparse) else None) for b in layout.buckets)
+    comm["adam_as_configured"] = sum(
+        _adam_variable_bytes(v, n, rows_per_step if i in sparse else None) for i, v in enumerate(variables))
+    placements = [_placement_row(i, variables[i], n, micro, state_kinds_all, kind_itemsize, rows_per_step,
+                                 shard_alignment) for i in separate]
     options = {
         "amsgrad": amsgrad, "ema": ema, "accumulation_steps": accumulation_steps,
         "master_weights": master_weights, "bucket_elements": bucket_elements,
         "shard_alignment": shard_alignment, "dtypes": sorted({v.dtype for v in variables}),
-        "buckets": len(layout.buckets),
+        "buckets": len(layout.buckets), "replicate": list(replicate), "row_sparse": list(row_sparse),
+        "rows_per_step": rows_per_step,
+        "replicated_buckets": sum(b.replicated for b in layout.buckets),
     }
     return Plan(params=params, workers=n, param_bytes=param_bytes, adam=adam, sharded=sharded,
-                k_bytes_per_param=k, padding_elements=padding, comm=comm, options=options)
+                k_bytes_per_param=k, padding_elements=padding, comm=comm, options=options,
+                placements=placements)
+
+
+# Bytes each worker sends per update for one bucket or variable (ring cost
+# model, as benchmarks/harness.py measures it): a reduce-scatter or all-to-all
+# sends (N-1)/N of its input, an all-gather N-1 times its input, an
+# all-reduce 2(N-1)/N. A sparse gradient's rows travel as one all-gather of
+# its values plus the 4-byte index of each row.
+def _row_bytes(variable, rows):
+    width = math.prod(variable.shape[1:])
+    return rows * (width * _itemsize(variable.dtype) + 4)
+
+
+def _sparse_bucket(bucket, sparse_indices) -> bool:
+    return len(bucket.segments) == 1 and bucket.segments[0].variable_index in sparse_indices
+
+
+def _bucket_bytes(bucket, n, micro, rows) -> float:
+    frac = (n - 1) / n
+    itemsize = _itemsize(bucket.dtype)
+    if rows is not None:
+        (seg,) = bucket.segments
+        reduce = _row_bytes(VariableSpec(seg.name, seg.shape, bucket.dtype), rows) * (n - 1)
+    elif bucket.replicated:
+        reduce = 2 * bucket.num_elements * itemsize * frac
+    else:
+        reduce = bucket.padded_size * itemsize * frac
+    gather = 0.0 if bucket.replicated else bucket.padded_size * itemsize * frac
+    return micro * reduce + gather
+
+
+def _adam_variable_bytes(variable, n, rows) -> float:
+    if rows is not None:  # Keras all-gathers an IndexedSlices gradient's rows
+        return _row_bytes(variable, rows) * (n - 1)
+    return 2 * math.prod(variable.shape) * _itemsize(variable.dtype) * (n - 1) / n
+
+
+def _placement_row(index, variable, n, micro, kinds, kind_itemsize, rows, shard_alignment) -> dict:
+    """One row-sparse variable alone in its bucket, sharded vs replicated."""
+    elements = math.prod(variable.shape)
+    shard = -(-elements // n)
+    shard = -(-shard // shard_alignment) * shard_alignment
+    state = lambda size: sum(size * kind_itemsize(kind, variable.dtype) for kind in kinds)  # noqa: E731
+    sharded = plan_layout([variable], n, bucket_elements=None, shard_alignment=shard_alignment).buckets[0]
+    replicated = plan_layout([variable], n, bucket_elements=None, replicated=[0]).buckets[0]
+    return {
+        "name": variable.name, "shape": list(variable.shape), "elements": elements,
+        "rows_per_step": rows,
+        "state_sharded": state(shard), "state_replicated": state(elements), "state_adam": state(elements),
+        "bytes_sharded": _bucket_bytes(sharded, n, micro, rows),
+        "bytes_replicated": _bucket_bytes(replicated, n, micro, rows),
+        "bytes_adam": micro * _adam_variable_bytes(variable, n, rows),
+    }
 
 
 def variables_from_count(params: float, dtype: str) -> list:
@@ -344,10 +422,41 @@ def render(p: Plan) -> str:
         f"  ShardedAdam, all-reduce + slice             {_fmt(c['sharded_allreduce_slice']):>12}"
         "   (tf.distribute portable path: NCCL/TPU cross-device ops)",
     ]
+    if o["rows_per_step"] or o["replicate"]:
+        lines += [
+            f"  as configured: keras Adam {_fmt(c['adam_as_configured'])}, ShardedAdam "
+            f"{_fmt(c['sharded_as_configured'])} (placements and sparse rows below; replicated buckets: "
+            f"{o['replicated_buckets']})",
+        ]
+    if p.placements:
+        rows = o["rows_per_step"]
+        lines += ["", "row-sparse variables (ShardedAdam(row_sparse=...), each in a bucket of its own): state and "
+                  "bytes per worker per update" + (f", {rows:,} rows per worker per step" if rows else
+                                                   ", gradients counted dense (give --rows-per-step)"),
+                  f"  {'variable':<30}{'placement':<32}{'state':>12}{'bytes/update':>14}"]
+        for r in p.placements:
+            for label, state, nbytes in (
+                    ("sharded (default)", r["state_sharded"], r["bytes_sharded"]),
+                    ("replicated (replicate=[...])", r["state_replicated"], r["bytes_replicated"]),
+                    ("keras Adam", r["state_adam"], r["bytes_adam"])):
+                lines.append(f"  {r['name'][:29]:<30}{label:<32}{_fmt(state):>12}{_fmt(nbytes):>14}")
+        lines.append("  sharded: 1/N of the table's state, but its updated rows are all-gathered every step "
+                     "(Adam moves every row); replicated: the sparse rows only, but the full state on every worker.")
     return "\n".join(lines)
 
 
 _NUMBER = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]\+?[0-9]{1,3})?")
+
+
+def _table(text: str) -> tuple:
+    """'1e7x64' -> (10000000, 64)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected ROWSxDIM such as 1e7x64, got {text[:50]!r}")
+    rows, dim = (_params(part) for part in parts)
+    if rows * dim > MAX_PARAMS:
+        raise argparse.ArgumentTypeError(f"a {text[:50]!r} table has more than {MAX_PARAMS:.0e} elements")
+    return int(rows), int(dim)
 
 
 def _params(text: str) -> float:
@@ -387,10 +496,21 @@ def add_arguments(parser) -> None:
                              "every micro-step)")
     parser.add_argument("--master-weights", action="store_true",
                         help="the ZeRO paper's mixed precision: 16-bit params/grads + fp32 master, m, v (K=12)")
-    parser.add_argument("--bucket-elements", type=_bounded_int(1, MAX_PARAMS), default=None,
-                        help="ShardedAdam(bucket_elements=...)")
+    parser.add_argument("--bucket-elements", type=_bounded_int(1, MAX_PARAMS), default=DEFAULT_BUCKET_ELEMENTS,
+                        help=f"ShardedAdam(bucket_elements=...) (default {DEFAULT_BUCKET_ELEMENTS})")
     parser.add_argument("--shard-alignment", type=_bounded_int(1, 1 << 20), default=1,
                         help="ShardedAdam(shard_alignment=...)")
+    parser.add_argument("--replicate", action="append", default=[], metavar="PATTERN",
+                        help="ShardedAdam(replicate=[...]): variables whose state stays whole on every worker "
+                             "(repeatable)")
+    parser.add_argument("--row-sparse", action="append", default=None, metavar="PATTERN",
+                        help="ShardedAdam(row_sparse=[...]) (repeatable; default: embeddings)")
+    parser.add_argument("--rows-per-step", type=_bounded_int(1, MAX_PARAMS), default=None, metavar="R",
+                        help="rows of each row-sparse variable one worker's gradient holds per step "
+                             "(e.g. batch x ids per example)")
+    parser.add_argument("--table", action="append", default=[], type=_table, metavar="ROWSxDIM",
+                        help="add an embedding table (named table<i>/embeddings) to the model, e.g. 1e7x64 "
+                             "(repeatable)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -401,8 +521,13 @@ def run(args) -> int:
         variables = variables_from_model(args.model)
     else:
         variables = variables_from_count(args.params, args.dtype)
+    dtype = variables[0].dtype
+    variables += [VariableSpec(f"table{i}/embeddings", shape, dtype) for i, shape in enumerate(args.table)]
     result = plan(variables, args.workers, amsgrad=args.amsgrad, ema=args.ema,
                   accumulation_steps=args.accumulation, master_weights=args.master_weights,
-                  bucket_elements=args.bucket_elements, shard_alignment=args.shard_alignment)
+                  bucket_elements=args.bucket_elements, shard_alignment=args.shard_alignment,
+                  replicate=args.replicate,
+                  row_sparse=("embeddings",) if args.row_sparse is None else args.row_sparse,
+                  rows_per_step=args.rows_per_step)
     print(json.dumps(result.to_dict(), indent=1) if args.json else render(result))
     return 0

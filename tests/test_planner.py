@@ -219,3 +219,49 @@ def test_native_reduce_scatter_row_matches_the_all_to_all_prototype():
         assert measured == pytest.approx(p.comm["zero1_reduce_scatter_all_gather"], rel=1e-5), path.name
         assert profile["collectives"]["sharded"]["bytes_sent_per_worker"] == pytest.approx(
             p.comm["sharded_allreduce_slice"], rel=1e-5), path.name
+
+
+def test_placements_show_the_memory_and_bytes_trade_off():
+    """A table with sparse gradients: sharded keeps 1/N of its state but
+    gathers the whole table every step; replicated keeps it all but moves only
+    the rows (as Keras Adam does)."""
+    dense = planner.VariableSpec("dense/kernel", (1000, 100), "float32")
+    table = planner.VariableSpec("table/embeddings", (50_000, 32), "float32")
+    p = planner.plan([dense, table], 4, rows_per_step=512)
+    (row,) = p.placements
+    assert row["name"] == "table/embeddings"
+    elements, itemsize, n = 50_000 * 32, 4, 4
+    assert row["state_sharded"] == 2 * itemsize * elements // n
+    assert row["state_replicated"] == row["state_adam"] == 2 * itemsize * elements
+    rows = 512 * (32 * itemsize + 4) * (n - 1)
+    assert row["bytes_replicated"] == row["bytes_adam"] == rows
+    assert row["bytes_sharded"] == rows + elements * itemsize * (n - 1) / n
+    # The layout the optimizer would build: the table's bucket is replicated.
+    replicated = planner.plan([dense, table], 4, rows_per_step=512, replicate=["table"])
+    assert replicated.options["replicated_buckets"] == 1
+    assert replicated.sharded_state_bytes == 2 * itemsize * (-(-100_000 // n) + elements)
+    assert replicated.comm["sharded_as_configured"] < p.comm["sharded_as_configured"]
+
+
+def test_plan_matches_the_optimizer_with_placements():
+    import keras
+
+    import distadam
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,), dtype="int32"), keras.layers.Embedding(300, 8),
+                              keras.layers.Flatten(), keras.layers.Dense(5)])
+    for kwargs in ({}, {"replicate": ["embedding"]}, {"row_sparse": []}):
+        optimizer = distadam.ShardedAdam(**kwargs)
+        optimizer.build(model.trainable_variables)
+        p = planner.plan(specs(model), 1, **{k: v for k, v in kwargs.items()})
+        assert p.sharded_state_bytes == sum(optimizer.state_bytes_per_device().values()), kwargs
+        assert p.options["buckets"] == len(optimizer.layout.buckets), kwargs
+
+
+def test_cli_table_and_rows_flags(capsys):
+    assert cli(["plan", "--params", "1e6", "--table", "1e5x16", "--rows-per-step", "256", "--workers", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "table0/embeddings" in out and "replicated (replicate=[...])" in out and "256 rows" in out
+    with pytest.raises(SystemExit):
+        cli(["plan", "--params", "1e6", "--table", "1e5y16", "--workers", "8"])
