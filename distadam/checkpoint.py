@@ -564,7 +564,7 @@ class ShardedCheckpointManager:
                         # Recorded, never raised here: the others wait in the
                         # collective below and must learn the outcome too.
                         problems.append(self._skip(candidate, _describe(error), explicit))
-            offer = [0] * 10
+            offer = [0] * 9  # status, 4 step digits, 4 digest digits
             if chosen is not None:
                 offer = [1, *_chunks(chosen.step), *_chunks(int(chosen.digest[:16], 16))]
             elif any_candidate:
