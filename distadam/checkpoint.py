@@ -297,8 +297,17 @@ class ShardedCheckpointManager:
         return found[-1] if found else None
 
     def bytes_needed(self) -> int:
-        """Upper bound of the bytes one checkpoint of this model takes."""
-        return sum(self._file_bounds(self.optimizer.num_shards).values())
+        """Upper bound of the bytes one checkpoint of this model takes on
+        disk: every file's largest size rounded up to 4 KiB blocks, plus the
+        manifest and the per-process file lists."""
+        def blocks(size):
+            return -(-size // 4096) * 4096
+
+        num_shards = self.optimizer.num_shards
+        segments = sum(len(b.segments) for b in self.optimizer.layout.buckets)
+        listings = blocks(256 * (num_shards + 1)) * self.process_count
+        manifest = blocks(4096 + 256 * (num_shards + 1 + segments + len(self.model.weights)))
+        return sum(blocks(size) for size in self._file_bounds(num_shards).values()) + manifest + listings
 
     # ------------------------------------------------------------------- save
     def save(self) -> Path:
