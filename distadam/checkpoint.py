@@ -383,8 +383,8 @@ class ShardedCheckpointManager:
                 files.write_bytes(partial / files.MANIFEST, files.seal_manifest(manifest))
                 files.fsync_directory(partial)
                 self._lock.verify()
-                if final.exists():  # same step saved again (e.g. after a restart)
-                    shutil.rmtree(final)
+                if os.path.lexists(final):  # same step saved again (e.g. after a restart)
+                    self._remove(final)  # a symlink planted under the name is unlinked, not followed
                 os.replace(partial, final)
                 files.fsync_directory(self.directory)
             except Exception as error:  # noqa: BLE001

@@ -427,3 +427,16 @@ def test_read_only_manager_restores_next_to_a_writer(two_checkpoints):
     with pytest.raises(CheckpointError, match="read-only"):
         reader.save()
     writer.close()
+
+
+def test_save_replaces_a_symlink_planted_under_its_name_without_following_it(tmp_path):
+    model, optimizer = make_trained()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious.txt").write_text("not a checkpoint")
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    (directory / "ckpt-000000000003").symlink_to(elsewhere)
+    saved = ShardedCheckpointManager(directory, model, optimizer).save()
+    assert saved.is_dir() and not saved.is_symlink() and (saved / "manifest.json").exists()
+    assert (elsewhere / "precious.txt").read_text() == "not a checkpoint"
