@@ -199,6 +199,7 @@ def main(argv=None):
     import keras
 
     import distadam
+    from distadam.watchdog import StallWatchdog
 
     replicas = runtime.replicas
     if args.batch_size % replicas:
@@ -234,11 +235,16 @@ def main(argv=None):
         from distadam.checkpoint import ShardedCheckpointManager
 
         manager = ShardedCheckpointManager(args.checkpoint_dir, model, optimizer)
+    # Before restoring: from here on a SIGTERM is kept (TensorFlow's handler
+    # would swallow it) and acted on after the first step.
+    guard = start_preemption_guard(args, optimizer, manager)
+    if manager is not None:
         restored = manager.restore()
         log(f"resumed from {restored} at step {int(optimizer.iterations.numpy())}" if restored
             else f"no checkpoint in {args.checkpoint_dir}: starting from scratch")
     checkpoint_every = args.checkpoint_every or steps_per_epoch
-    guard, watchdog = start_guards(args, optimizer, manager)
+    # No step for --stall-timeout seconds (a peer hangs): end this worker, exit 75.
+    watchdog = StallWatchdog(args.stall_timeout) if args.stall_timeout > 0 else None
     # The data order depends only on (seed, epoch), so a resumed run continues
     # exactly where the checkpoint left off.
     step = int(optimizer.iterations.numpy())
@@ -277,18 +283,15 @@ def main(argv=None):
     return 0
 
 
-def start_guards(args, optimizer, manager):
-    """The preemption guard (SIGTERM -> save this step on every worker, exit
-    42) and the stall watchdog (no step for --stall-timeout s -> exit 75)."""
+def start_preemption_guard(args, optimizer, manager):
+    """SIGTERM -> every worker saves the current step and exits with 42. Only
+    with ShardedAdam, whose collectives carry the workers' agreement."""
     from distadam.preemption import PreemptionGuard
-    from distadam.watchdog import StallWatchdog
 
-    guard = None
-    if hasattr(optimizer, "collectives"):  # ShardedAdam: its collectives carry the agreement
-        guard = PreemptionGuard(optimizer, manager, check_every=args.preemption_check_every,
-                                log=lambda message: print(message, flush=True))
-    watchdog = StallWatchdog(args.stall_timeout) if args.stall_timeout > 0 else None
-    return guard, watchdog
+    if not hasattr(optimizer, "collectives"):
+        return None
+    return PreemptionGuard(optimizer, manager, check_every=args.preemption_check_every,
+                           log=lambda message: print(message, flush=True))
 
 
 def evaluate(model, x, y) -> float:
