@@ -820,7 +820,11 @@ class ShardedCheckpointManager:
         values = np.asarray(values, np.float64)
         if self._collectives.num_workers == 1:
             return values
-        total = np.asarray(self._collectives.all_reduce_eagerly(values), np.float64)
+        # One length for every call, so the backend traces its eager
+        # all-reduce once rather than once per message shape.
+        padded = np.zeros([max(16, self.process_count, values.size)])
+        padded[: values.size] = values
+        total = np.asarray(self._collectives.all_reduce_eagerly(padded), np.float64)[: values.size]
         return np.round(total / self._per_process)
 
     def _from_process_0(self, values) -> np.ndarray:
