@@ -40,8 +40,17 @@ def parse_args(argv=None):
                         help="'keras' trains with keras.optimizers.Adam, as a reference")
     parser.add_argument("--backend", choices=("tf.distribute", "horovod"), default="tf.distribute",
                         help="'horovod' for horovodrun/mpirun with Horovod (one replica per process)")
-    parser.add_argument("--collective-timeout", type=float, default=120.0,
-                        help="seconds a collective may wait for peers before the step fails")
+    parser.add_argument("--stall-timeout", type=float, default=300.0,
+                        help="end this worker (exit code 75) when no step completes for this many seconds, "
+                             "e.g. because a peer hangs; one watchdog thread (distadam.watchdog). 0: off")
+    parser.add_argument("--collective-timeout", type=float, default=0.0,
+                        help="TensorFlow's own per-collective timeout in seconds (0: off, the default). "
+                             "Costs about 2 threads per collective, each alive this long: prefer "
+                             "--stall-timeout")
+    parser.add_argument("--preemption-check-every", type=int, default=1,
+                        help="steps between the workers' agreement on a received SIGTERM; on SIGTERM "
+                             "every worker saves the current step (with --checkpoint-dir) and exits "
+                             "with code 42")
     parser.add_argument("--checkpoint-dir", default=None,
                         help="resume from the newest usable sharded checkpoint here and save one every "
                              "--checkpoint-every steps (a directory shared by all workers)")
@@ -50,7 +59,14 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=None,
                         help="save final weights and metrics to this .npz; '{rank}' in the path is "
                              "replaced by the worker's rank (otherwise only rank 0 writes)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("stall_timeout", "collective_timeout"):
+        value = getattr(args, name)
+        if not np.isfinite(value) or value < 0:
+            parser.error(f"--{name.replace('_', '-')} must be a finite number of seconds >= 0, got {value}")
+    if args.preemption_check_every < 1:
+        parser.error("--preemption-check-every must be at least 1")
+    return args
 
 
 def load_data(seed):
@@ -90,7 +106,7 @@ class DistributeRuntime:
         if not self.cluster.is_distributed:
             environ.setdefault(distadam.cluster.LOGICAL_DEVICES_ENV, str(args.replicas))
         self.strategy = distadam.strategy_from_env(
-            communication_timeout=args.collective_timeout, environ=environ, cluster=self.cluster
+            communication_timeout=args.collective_timeout or None, environ=environ, cluster=self.cluster
         )
         self.rank = self.cluster.rank
         self.world_size = self.cluster.world_size
@@ -183,6 +199,7 @@ def main(argv=None):
     import keras
 
     import distadam
+    from distadam.watchdog import StallWatchdog
 
     replicas = runtime.replicas
     if args.batch_size % replicas:
@@ -218,10 +235,16 @@ def main(argv=None):
         from distadam.checkpoint import ShardedCheckpointManager
 
         manager = ShardedCheckpointManager(args.checkpoint_dir, model, optimizer)
+    # Before restoring: from here on a SIGTERM is kept (TensorFlow's handler
+    # would swallow it) and acted on after the first step.
+    guard = start_preemption_guard(args, optimizer, manager)
+    if manager is not None:
         restored = manager.restore()
         log(f"resumed from {restored} at step {int(optimizer.iterations.numpy())}" if restored
             else f"no checkpoint in {args.checkpoint_dir}: starting from scratch")
     checkpoint_every = args.checkpoint_every or steps_per_epoch
+    # No step for --stall-timeout seconds (a peer hangs): end this worker, exit 75.
+    watchdog = StallWatchdog(args.stall_timeout) if args.stall_timeout > 0 else None
     # The data order depends only on (seed, epoch), so a resumed run continues
     # exactly where the checkpoint left off.
     step = int(optimizer.iterations.numpy())
@@ -238,9 +261,15 @@ def main(argv=None):
             step += 1
             if manager is not None and step % checkpoint_every == 0:
                 manager.save()
+            if watchdog is not None:
+                watchdog.beat()
+            if guard is not None:
+                guard.step_done()  # on SIGTERM: every worker saves this step and exits (code 42)
         accuracy = evaluate(model, x_test, y_test)
         log(f"epoch {epoch + 1}/{args.epochs}: loss {np.mean(losses):.4f}, test accuracy {accuracy:.4f} "
             f"({time.perf_counter() - started:.1f}s)")
+    if watchdog is not None:
+        watchdog.close()
 
     accuracy = evaluate(model, x_test, y_test)
     state = optimizer_state_report(optimizer, model)
@@ -252,6 +281,17 @@ def main(argv=None):
     if args.out:
         save_weights(args.out, model, runtime.rank, accuracy, step)
     return 0
+
+
+def start_preemption_guard(args, optimizer, manager):
+    """SIGTERM -> every worker saves the current step and exits with 42. Only
+    with ShardedAdam, whose collectives carry the workers' agreement."""
+    from distadam.preemption import PreemptionGuard
+
+    if not hasattr(optimizer, "collectives"):
+        return None
+    return PreemptionGuard(optimizer, manager, check_every=args.preemption_check_every,
+                           log=lambda message: print(message, flush=True))
 
 
 def evaluate(model, x, y) -> float:

@@ -1,6 +1,7 @@
 """Checkpointed training under any launcher; optionally SIGKILLs itself once.
 
 usage: python fault_train.py CKPT_DIR OUT_PREFIX [KILL_RANK KILL_AT_STEP [kill|stall]]
+       DISTADAM_FAULT_BOUND=watchdog (default) | collective-timeout
 
 Resumes from the newest usable checkpoint in CKPT_DIR, trains to step T with a
 checkpoint every EVERY steps, writes OUT_PREFIX-rank<r>.npz. With KILL_*, that
@@ -20,11 +21,15 @@ import common
 import distadam  # noqa: E402
 
 T, EVERY, BOUND_SECONDS = 16, 5, 30
-strategy = distadam.strategy_from_env(communication_timeout=BOUND_SECONDS)
+# How a stalled peer is bounded: distadam's one-thread watchdog (the default,
+# as in examples/train_digits.py) or TensorFlow's per-collective timeout.
+BOUND = os.environ.get("DISTADAM_FAULT_BOUND", "watchdog")
+strategy = distadam.strategy_from_env(communication_timeout=BOUND_SECONDS if BOUND == "collective-timeout" else None)
 
 import numpy as np  # noqa: E402
 
 from distadam.checkpoint import ShardedCheckpointManager  # noqa: E402
+from distadam.watchdog import StallWatchdog  # noqa: E402
 
 ckpt_dir, out_prefix = Path(sys.argv[1]), sys.argv[2]
 kill_rank, kill_at = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 4 else (None, None)
@@ -54,10 +59,15 @@ def batch(step):
 
 
 marker = ckpt_dir / f"killed-rank{kill_rank}"
+watchdog = StallWatchdog(BOUND_SECONDS) if BOUND == "watchdog" else None
 for step in range(start, T):
     if rank == kill_rank and step == kill_at and not marker.exists():
         marker.touch()
         if fault == "stall":
+            if watchdog is not None:
+                # Its own watchdog would end the stalled worker as well; the
+                # test is about the survivor noticing on its own.
+                watchdog.close()
             print(f"rank {rank}: stalling at step {step} at t={time.time():.3f}", flush=True)
             time.sleep(3600)
         print(f"rank {rank}: SIGKILL at step {step} at t={time.time():.3f}", flush=True)
@@ -66,6 +76,10 @@ for step in range(start, T):
     train_step(inputs, y)
     if (step + 1) % EVERY == 0:
         manager.save()
+    if watchdog is not None:
+        watchdog.beat()
+if watchdog is not None:
+    watchdog.close()
 np.savez(f"{out_prefix}-rank{rank}.npz", *model.get_weights(),
          iterations=np.array(int(optimizer.iterations.numpy())))
 print(f"rank {rank}: finished at step {int(optimizer.iterations.numpy())}", flush=True)
