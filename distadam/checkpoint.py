@@ -62,6 +62,22 @@ class CheckpointError(RuntimeError):
 
 
 # ----------------------------------------------------------- small helpers
+def _written_range(bucket, worker: int) -> tuple:
+    """Elements of ``bucket`` worker ``worker``'s shard file holds: its shard,
+    or for a replicated bucket everything in worker 0's file, nothing in the
+    others' (the manifest's shard_size for it is all its elements, so the
+    ranges follow from it as for any bucket)."""
+    if bucket.replicated:
+        n = bucket.num_elements
+        return (0, n) if worker == 0 else (n, n)
+    return bucket.shard_range(worker)
+
+
+def _needed_range(bucket, shard: int) -> tuple:
+    """Elements of ``bucket`` a worker holding ``shard`` restores."""
+    return (0, bucket.num_elements) if bucket.replicated else bucket.shard_range(shard)
+
+
 def _chunks(value: int, count: int = 4) -> list:
     """``value`` as ``count`` 16-bit digits: each is exact in float64 even
     when summed over many workers, so integers ride an all-reduce exactly."""
@@ -404,9 +420,11 @@ class ShardedCheckpointManager:
         state = optimizer.sharded_state
         arrays = {}
         for b, bucket in enumerate(optimizer.layout.buckets):
-            arrays[f"range/{b}"] = np.asarray(bucket.shard_range(shard), np.int64)
+            start, stop = _written_range(bucket, shard)
+            arrays[f"range/{b}"] = np.asarray([start, stop], np.int64)
             for kind in state.kinds:
-                arrays[f"{kind}/{b}"] = state.read_shard(kind, b, shard)
+                values = state.read_shard(kind, b, bucket.shard_of_worker(shard))
+                arrays[f"{kind}/{b}"] = values[: stop - start]
         arrays["iterations"] = np.asarray(step, np.int64)
         return arrays
 
@@ -456,6 +474,11 @@ class ShardedCheckpointManager:
                         "dtype": bucket.dtype,
                         "num_elements": bucket.num_elements,
                         "shard_size": bucket.shard_size,
+                        # A replicated bucket is written once, whole, in shard 0's
+                        # file (its shard_size is all its elements); other files
+                        # hold an empty range of it. Restore reads element ranges,
+                        # so placements and worker counts may change in between.
+                        "placement": "replicated" if bucket.replicated else "sharded",
                         "segments": [{"name": s.name, "shape": list(s.shape)} for s in bucket.segments],
                     }
                     for bucket in optimizer.layout.buckets
@@ -650,7 +673,7 @@ class ShardedCheckpointManager:
         for b, bucket in enumerate(buckets):
             old_size = old_buckets[b]["shard_size"]
             for shard in self._local_shards:
-                start, stop = bucket.shard_range(shard)
+                start, stop = _needed_range(bucket, shard)
                 if stop > start:
                     needed.update(range(start // old_size, -(-stop // old_size)))
         old_files = {old: self._read_old_shard(path, manifest, old) for old in sorted(needed)}
@@ -658,8 +681,8 @@ class ShardedCheckpointManager:
         for kind in self.optimizer.sharded_state.kinds:
             for b, bucket in enumerate(buckets):
                 old_size = old_buckets[b]["shard_size"]
-                for shard in self._local_shards:
-                    start, stop = bucket.shard_range(shard)
+                for shard in {bucket.shard_of_worker(worker) for worker in self._local_shards}:
+                    start, stop = _needed_range(bucket, shard)
                     values = np.zeros([stop - start], dtype=_np_dtype(bucket.dtype))
                     if stop > start:
                         # Copy the overlap of [start, stop) with every old shard.

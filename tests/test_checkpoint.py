@@ -51,6 +51,44 @@ def test_resume_exactly_and_reshard_every_pair(tmp_path):
             assert worst <= (1e-6 if n == m else 1e-5), (n, m, worst)
 
 
+@pytest.mark.timeout(900)
+def test_reshard_across_placements(tmp_path):
+    """A replicated table is written once, whole, and every placement reads
+    element ranges: save on 3 workers with the Embedding's state replicated and
+    on 2 with everything sharded, resume each on 2 (replicated) and 4 (sharded)."""
+    replicated = {"CKPT_PLACEMENT": '{"replicate": ["embed"]}'}
+    saved = {"replicated3": tmp_path / "replicated3", "sharded2": tmp_path / "sharded2"}
+    procs = [start_worker(["ckpt_run.py", 3, "save", saved["replicated3"]], **replicated),
+             start_worker(["ckpt_run.py", 2, "save", saved["sharded2"]])]
+    try:
+        for proc in procs:
+            out = finish(proc, timeout=420)
+            assert proc.returncode == 0, out[-5000:]
+    finally:
+        for proc in procs:
+            kill_group(proc)
+    manifest = (saved["replicated3"] / "ckpt-000000000012" / "manifest.json").read_text()
+    assert '"placement": "replicated"' in manifest and '"placement": "sharded"' in manifest
+    sources = f"{saved['replicated3']},{saved['sharded2']}"
+    outs = {"replicated2": tmp_path / "on2.npz", "sharded4": tmp_path / "on4.npz"}
+    procs = [start_worker(["ckpt_run.py", 2, "resume", sources, outs["replicated2"]], **replicated),
+             start_worker(["ckpt_run.py", 4, "resume", sources, outs["sharded4"]])]
+    try:
+        for proc in procs:
+            out = finish(proc, timeout=420)
+            assert proc.returncode == 0, out[-5000:]
+    finally:
+        for proc in procs:
+            kill_group(proc)
+    for out in outs.values():
+        result = np.load(out)
+        n_weights = sum(1 for k in result.files if k.startswith("full_w"))
+        for run in range(2):
+            assert int(result[f"run{run}_iterations"]) == 30
+            worst = max(relative(result[f"run{run}_w{i}"], result[f"full_w{i}"]) for i in range(n_weights))
+            assert worst <= 1e-5, (out.name, run, worst)
+
+
 @pytest.mark.timeout(400)
 def test_keras_backup_and_restore_resumes_model_fit(tmp_path):
     out = tmp_path / "backup.npz"

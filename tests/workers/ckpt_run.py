@@ -7,6 +7,8 @@ usage:
   python ckpt_run.py N backup DIR OUT         model.fit + keras BackupAndRestore, interrupted vs not
 """
 
+import json
+import os
 import sys
 
 import common
@@ -24,6 +26,9 @@ from distadam.checkpoint import ShardedCheckpointManager  # noqa: E402
 K, T = 12, 30
 CASE = {"kwargs": {"amsgrad": True, "use_ema": True, "ema_overwrite_frequency": 5, "global_clipnorm": 0.05},
         "schedule": {"initial_learning_rate": 0.01, "decay_steps": 4, "decay_rate": 0.7, "staircase": True}}
+# Placement of the optimizer state for this run (e.g. {"replicate": ["embed"]}),
+# so checkpoints are tested across placements as well as worker counts.
+CASE["kwargs"].update(json.loads(os.environ.get("CKPT_PLACEMENT", "{}")))
 strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(num_replicas)])
 data = common.make_data(T)
 
