@@ -48,13 +48,16 @@ STRATEGY = distadam.strategy_from_env(communication_timeout=300)
 N = STRATEGY.num_replicas_in_sync
 RANK = int(os.environ.get("DISTADAM_RANK", "0"))
 
-# ShardedAdam variants timed against Keras Adam, per model: the default, and
-# for the embedding model the other placement of the table's state.
+# ShardedAdam variants timed against Keras Adam, per model: the defaults, for
+# the embedding model the other placement of the table's state (the default
+# keeps it whole), and for the small compute-bound model its one bucket kept
+# whole (min_shard_elements above its size).
 VARIANTS = {
-    "sharded": {},
-    "sharded_replicated_table": {"replicate": ["table"]},
+    "default": {},
+    "table_sharded": {"replicate": []},
+    "small_buckets_whole": {"min_shard_elements": 1 << 20},
 }
-MODEL_VARIANTS = {"embedding": ("sharded", "sharded_replicated_table")}
+MODEL_VARIANTS = {"embedding": ("default", "table_sharded"), "dense_compute_bound": ("default", "small_buckets_whole")}
 
 
 def state_bytes(optimizer, model):
@@ -81,7 +84,7 @@ def time_model(name):
     runners, info = {}, {}
     x, y = harness.multiprocess_batch(STRATEGY, spec, RANK)
     optimizers = {"adam": lambda: keras.optimizers.Adam()}
-    for variant in MODEL_VARIANTS.get(name, ("sharded",)):
+    for variant in MODEL_VARIANTS.get(name, ("default",)):
         optimizers[variant] = lambda v=variant: distadam.ShardedAdam(**VARIANTS[v])
     sparse_rows = {}
     for label, make_optimizer in optimizers.items():

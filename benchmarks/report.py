@@ -123,7 +123,8 @@ MODEL_LABELS = {
     "embedding": "embedding, sparse gradients (200k x 32 table, batch 32 x 16 ids)",
     "transformer": "Transformer block (attention + MLP + LayerNorm, 0.2M params, batch 8 x 64)",
 }
-VARIANT_LABELS = {"sharded": "default", "sharded_replicated_table": "table replicated (`replicate=[\"table\"]`)"}
+VARIANT_LABELS = {"default": "default", "table_sharded": "table sharded (`replicate=[]`)",
+                  "small_buckets_whole": "kept whole (`min_shard_elements=2**20`)"}
 
 
 def multiprocess_rows(results):

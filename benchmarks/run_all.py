@@ -1,7 +1,7 @@
 """Run every benchmark and write benchmarks/results/results.json, the PNG plots
 and the markdown table.
 
-    python benchmarks/run_all.py            # full run, ~20 minutes on 2 cores
+    python benchmarks/run_all.py            # full run, ~13 minutes on 2 cores
     python benchmarks/run_all.py --quick    # memory + collectives only (CI-sized)
 
 The headline is the multi-process section: 2 and 3 worker processes under

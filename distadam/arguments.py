@@ -79,7 +79,7 @@ def check_adam_arguments(
 
 
 def check_sharding_arguments(*, backend, bucket_elements, shard_alignment, skip_nonfinite, replicate,
-                             row_sparse, fused_update, max_consecutive_skips):
+                             row_sparse, min_shard_elements, fused_update, max_consecutive_skips):
     """The arguments ShardedAdam adds to Adam's."""
     require_bool("skip_nonfinite", skip_nonfinite)
     require_positive_int("max_consecutive_skips", max_consecutive_skips, allow_none=True)
@@ -94,6 +94,7 @@ def check_sharding_arguments(*, backend, bucket_elements, shard_alignment, skip_
         raise TypeError(f"`backend` must be a string, got {backend!r}")
     require_positive_int("bucket_elements", bucket_elements, allow_none=True)
     require_positive_int("shard_alignment", shard_alignment)
+    require_positive_int("min_shard_elements", min_shard_elements, minimum=0)
 
 
 def _iterable(value, name):

@@ -85,17 +85,28 @@ class ShardedAdam(keras.optimizers.Optimizer):
             worker keeps whole instead of a 1/N shard. Their gradients are
             all-reduced (a sparse gradient's rows all-gathered) and their
             update computed on every worker, so no parameters are gathered
-            for them: for an embedding table whose gradient touches few rows
-            this trades memory for the bytes of gathering the whole table
-            every step (see ``distadam plan``). Default: everything sharded.
+            for them. Default: Keras' ``Embedding`` tables (``"embeddings"``):
+            for a table whose gradient touches few rows this exchanges those
+            rows instead of all-gathering the whole updated table every step
+            (measured faster), at the price of the table's full ``m``, ``v``
+            on every worker; ``replicate=[]`` shards them too (see
+            ``distadam plan`` for the trade-off on your model).
         row_sparse: variable-name patterns of variables whose gradients
             arrive as rows (``tf.IndexedSlices``); each gets a bucket of its
             own, so only the rows a step touches are exchanged (all-gathered;
             duplicates add up, as densifying does) instead of the whole
-            table. Default: Keras' ``Embedding`` tables (``"embeddings"``). A
-            variable matched here whose gradient is dense is reduced like any
-            bucket; an IndexedSlices gradient of a variable sharing a bucket
-            is densified into it.
+            table. Default: ``"embeddings"``. A variable matched here whose
+            gradient is dense is reduced like any bucket; an IndexedSlices
+            gradient of a variable sharing a bucket is densified into it.
+        min_shard_elements: a bucket with fewer elements keeps its state
+            whole on every worker (all-reduced, updated everywhere, never
+            gathered). Default 0: every bucket is sharded, each worker holds
+            1/N. Sharding a bucket saves (N-1)/N of its state but costs a
+            second collective per step (~5 ms on loopback gRPC, less on a
+            cluster's fabric); for a model of a few hundred thousand
+            parameters ``min_shard_elements=2**20`` (at most 8 MiB of float32
+            ``m`` + ``v`` kept whole) made the step measurably faster (see
+            benchmarks/README.md).
         fused_update: compile each bucket's shard update with XLA into one
             pass (default); ``False`` runs it op by op, bit for bit the
             arithmetic of ``keras.optimizers.Adam``.
@@ -134,8 +145,9 @@ class ShardedAdam(keras.optimizers.Optimizer):
         shard_alignment=1,
         skip_nonfinite=True,
         max_consecutive_skips=100,
-        replicate=(),
+        replicate=("embeddings",),
         row_sparse=("embeddings",),
+        min_shard_elements=0,
         fused_update=True,
         **kwargs,
     ):
@@ -149,6 +161,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
         arguments.check_sharding_arguments(
             backend=backend, bucket_elements=bucket_elements, shard_alignment=shard_alignment,
             skip_nonfinite=skip_nonfinite, replicate=replicate, row_sparse=row_sparse,
+            min_shard_elements=min_shard_elements,
             fused_update=fused_update, max_consecutive_skips=max_consecutive_skips,
         )
         if arguments.is_real_number(learning_rate):
@@ -178,6 +191,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
         self.max_consecutive_skips = None if max_consecutive_skips is None else int(max_consecutive_skips)
         self.replicate = tuple(replicate)
         self.row_sparse = tuple(row_sparse)
+        self.min_shard_elements = int(min_shard_elements)
         self.fused_update = bool(fused_update)
         hooks.set_untracked(self, "_collectives", None)
         hooks.set_untracked(self, "_layout", None)
@@ -204,6 +218,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
             shard_alignment=self.shard_alignment,
             replicated=[i for i, v in enumerate(var_list) if _matches(v, self.replicate)],
             separate=[i for i, v in enumerate(var_list) if _matches(v, self.row_sparse)],
+            min_shard_elements=self.min_shard_elements,
         )
         hooks.set_untracked(self, "_collectives", collectives)
         hooks.set_untracked(self, "_layout", layout)
@@ -664,6 +679,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
                 "max_consecutive_skips": self.max_consecutive_skips,
                 "replicate": list(self.replicate),
                 "row_sparse": list(self.row_sparse),
+                "min_shard_elements": self.min_shard_elements,
                 "fused_update": self.fused_update,
             }
         )

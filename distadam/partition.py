@@ -182,6 +182,7 @@ def plan_layout(
     shard_alignment: int = 1,
     replicated: Sequence[int] = (),
     separate: Sequence[int] = (),
+    min_shard_elements: int = 0,
 ) -> Layout:
     """Lay out ``variables`` (anything with .shape, .dtype, .name) in buckets.
 
@@ -200,6 +201,9 @@ def plan_layout(
             whatever their size: variables whose gradients arrive as rows
             (an embedding table's ``tf.IndexedSlices``), which a bucket of
             their own lets the optimizer exchange as rows.
+        min_shard_elements: a bucket with fewer elements is replicated
+            (with more than one shard); 0 shards every bucket not listed in
+            ``replicated``.
     """
     if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
         raise ValueError(f"num_shards must be a positive integer, got {num_shards!r}")
@@ -209,6 +213,8 @@ def plan_layout(
         raise ValueError(
             f"bucket_elements must be a positive integer or None, got {bucket_elements!r}"
         )
+    if isinstance(min_shard_elements, bool) or not isinstance(min_shard_elements, int) or min_shard_elements < 0:
+        raise ValueError(f"min_shard_elements must be an integer >= 0, got {min_shard_elements!r}")
     if isinstance(shard_alignment, bool) or not isinstance(shard_alignment, int) or shard_alignment < 1:
         raise ValueError(
             f"shard_alignment must be a positive integer, got {shard_alignment!r}"
@@ -255,7 +261,7 @@ def plan_layout(
                 )
             )
             offset += size
-        if is_replicated:
+        if is_replicated or (num_shards > 1 and offset < min_shard_elements):
             buckets.append(Bucket(dtype, tuple(segments), 1, max(1, offset), replicated=True))
             continue
         shard_size = max(1, -(-offset // num_shards))

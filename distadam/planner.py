@@ -162,13 +162,15 @@ def plan(
     master_weights: bool = False,
     bucket_elements: int | None = DEFAULT_BUCKET_ELEMENTS,
     shard_alignment: int = 1,
-    replicate: Sequence[str] = (),
+    replicate: Sequence[str] = ("embeddings",),
     row_sparse: Sequence[str] = ("embeddings",),
+    min_shard_elements: int = 0,
     rows_per_step: int | None = None,
 ) -> Plan:
     """Per-worker memory and communication for ``variables`` on ``workers``,
-    with ShardedAdam's layout for the same arguments (``replicate`` and
-    ``row_sparse`` patterns match variable names as the optimizer's do).
+    with ShardedAdam's layout for the same arguments and the same defaults
+    (``replicate`` and ``row_sparse`` patterns match variable names as the
+    optimizer's do).
     ``rows_per_step``: rows of each row-sparse variable one worker's gradient
     holds per micro-step (e.g. batch x ids per example); without it their
     gradients are counted dense."""
@@ -207,7 +209,8 @@ def plan(
     replicated = [i for i, name in enumerate(names) if any(p in name for p in replicate)]
     separate = [i for i, name in enumerate(names) if any(p in name for p in row_sparse)]
     layout = plan_layout(list(variables), num_shards=workers, bucket_elements=bucket_elements,
-                         shard_alignment=shard_alignment, replicated=replicated, separate=separate)
+                         shard_alignment=shard_alignment, replicated=replicated, separate=separate,
+                         min_shard_elements=min_shard_elements)
     sharded = {"params": param_bytes, "grads": param_bytes}
     for kind in state_kinds_all:
         sharded[kind] = sum(b.shard_size * kind_itemsize(kind, b.dtype) for b in layout.buckets)
@@ -237,7 +240,7 @@ def plan(
         "master_weights": master_weights, "bucket_elements": bucket_elements,
         "shard_alignment": shard_alignment, "dtypes": sorted({v.dtype for v in variables}),
         "buckets": len(layout.buckets), "replicate": list(replicate), "row_sparse": list(row_sparse),
-        "rows_per_step": rows_per_step,
+        "rows_per_step": rows_per_step, "min_shard_elements": min_shard_elements,
         "replicated_buckets": sum(b.replicated for b in layout.buckets),
     }
     return Plan(params=params, workers=n, param_bytes=param_bytes, adam=adam, sharded=sharded,
@@ -422,7 +425,7 @@ def render(p: Plan) -> str:
         f"  ShardedAdam, all-reduce + slice             {_fmt(c['sharded_allreduce_slice']):>12}"
         "   (tf.distribute portable path: NCCL/TPU cross-device ops)",
     ]
-    if o["rows_per_step"] or o["replicate"]:
+    if o["rows_per_step"] or o["replicated_buckets"]:
         lines += [
             f"  as configured: keras Adam {_fmt(c['adam_as_configured'])}, ShardedAdam "
             f"{_fmt(c['sharded_as_configured'])} (placements and sparse rows below; replicated buckets: "
@@ -500,9 +503,14 @@ def add_arguments(parser) -> None:
                         help=f"ShardedAdam(bucket_elements=...) (default {DEFAULT_BUCKET_ELEMENTS})")
     parser.add_argument("--shard-alignment", type=_bounded_int(1, 1 << 20), default=1,
                         help="ShardedAdam(shard_alignment=...)")
-    parser.add_argument("--replicate", action="append", default=[], metavar="PATTERN",
-                        help="ShardedAdam(replicate=[...]): variables whose state stays whole on every worker "
-                             "(repeatable)")
+    placement = parser.add_mutually_exclusive_group()
+    placement.add_argument("--replicate", action="append", default=None, metavar="PATTERN",
+                           help="ShardedAdam(replicate=[...]): variables whose state stays whole on every worker "
+                                "(repeatable; default: embeddings, as the optimizer's)")
+    placement.add_argument("--no-replicate", action="store_true",
+                           help="ShardedAdam(replicate=[]): shard every variable's state, embedding tables too")
+    parser.add_argument("--min-shard-elements", type=_bounded_int(0, MAX_PARAMS), default=0, metavar="E",
+                        help="ShardedAdam(min_shard_elements=...): buckets smaller than E keep their state whole")
     parser.add_argument("--row-sparse", action="append", default=None, metavar="PATTERN",
                         help="ShardedAdam(row_sparse=[...]) (repeatable; default: embeddings)")
     parser.add_argument("--rows-per-step", type=_bounded_int(1, MAX_PARAMS), default=None, metavar="R",
@@ -526,7 +534,9 @@ def run(args) -> int:
     result = plan(variables, args.workers, amsgrad=args.amsgrad, ema=args.ema,
                   accumulation_steps=args.accumulation, master_weights=args.master_weights,
                   bucket_elements=args.bucket_elements, shard_alignment=args.shard_alignment,
-                  replicate=args.replicate,
+                  replicate=[] if args.no_replicate else
+                  ("embeddings",) if args.replicate is None else args.replicate,
+                  min_shard_elements=args.min_shard_elements,
                   row_sparse=("embeddings",) if args.row_sparse is None else args.row_sparse,
                   rows_per_step=args.rows_per_step)
     print(json.dumps(result.to_dict(), indent=1) if args.json else render(result))

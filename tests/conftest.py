@@ -3,6 +3,8 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+import typing
 from pathlib import Path
 
 import pytest
@@ -22,17 +24,64 @@ def worker_env(**extra):
     return env
 
 
-def start_worker(args, **env):
-    """Start a Python worker in its own process group (so a kill reaches its children)."""
+def start_process(argv, *, cwd=WORKERS, env=None, separate_stderr=False):
+    """Start ``argv`` in its own process group (so a kill reaches every child),
+    with its output captured as text (stderr merged unless ``separate_stderr``)."""
     return subprocess.Popen(
-        [sys.executable, *map(str, args)],
-        cwd=WORKERS,
-        env=worker_env(**env),
+        [str(a) for a in argv],
+        cwd=cwd,
+        env=worker_env() if env is None else env,
         stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stderr=subprocess.PIPE if separate_stderr else subprocess.STDOUT,
         text=True,
         start_new_session=True,
     )
+
+
+def start_worker(args, **env):
+    """Start a Python worker of tests/workers in its own process group."""
+    return start_process([sys.executable, *args], env=worker_env(**env))
+
+
+class Finished(typing.NamedTuple):
+    code: int
+    out: str
+    err: str  # "" when stderr was merged into ``out``
+    seconds: float
+
+
+def wait_for(proc, timeout, *, polite=False):
+    """Wait for ``proc`` with a hard timeout; on every exit path its process
+    group is killed. On timeout the test fails with the output's tail;
+    ``polite`` sends SIGTERM first (horovodrun and mpirun then stop their
+    ranks themselves) and SIGKILL 10 s later. Returns (stdout, stderr)."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        if polite:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                out, err = proc.communicate(timeout=10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                kill_group(proc)
+                out, err = proc.communicate()
+        else:
+            kill_group(proc)
+            out, err = proc.communicate()
+        pytest.fail(f"{proc.args} timed out after {timeout}s; output tail:\n{(out or '')[-6000:]}"
+                    + (f"\nstderr tail:\n{err[-3000:]}" if err else ""))
+    finally:
+        kill_group(proc)
+    return out or "", err or ""
+
+
+def run_process(argv, timeout, *, cwd=WORKERS, env=None, separate_stderr=False, polite=False) -> Finished:
+    """Run ``argv`` to completion under a hard timeout (see :func:`wait_for`);
+    the one way the tests run a process and wait for it."""
+    started = time.monotonic()
+    proc = start_process(argv, cwd=cwd, env=env, separate_stderr=separate_stderr)
+    out, err = wait_for(proc, timeout, polite=polite)
+    return Finished(proc.returncode, out, err, time.monotonic() - started)
 
 
 def kill_group(proc):
@@ -59,16 +108,8 @@ def free_ports(count):
 
 
 def finish(proc, timeout):
-    """Wait for ``proc`` with a hard timeout; always leaves no process behind."""
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_group(proc)
-        out, _ = proc.communicate()
-        pytest.fail(f"worker {proc.args} timed out after {timeout}s; output:\n{out[-4000:]}")
-    finally:
-        kill_group(proc)
-    return out
+    """Wait for a started worker with a hard timeout; its (merged) output."""
+    return wait_for(proc, timeout)[0]
 
 
 @pytest.fixture

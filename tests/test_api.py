@@ -162,13 +162,28 @@ def test_row_sparse_variables_get_a_bucket_of_their_own():
     variables = [keras.Variable(np.zeros(s, "float32")) for s in [(50, 4), (10,), (7,)]]
     layout = plan_layout(variables, 2, bucket_elements=None, separate=[0])
     assert [[s.variable_index for s in b.segments] for b in layout.buckets] == [[2, 1], [0]]
-    # ShardedAdam isolates Keras Embedding tables by name ("embeddings").
+    # ShardedAdam isolates Keras Embedding tables by name ("embeddings") and
+    # by default keeps their state whole (rows exchanged, never the table).
     model = keras.Sequential([keras.Input((3,), dtype="int32"), keras.layers.Embedding(20, 4),
                               keras.layers.Flatten(), keras.layers.Dense(2)])
-    optimizer = ShardedAdam()
-    optimizer.build(model.trainable_variables)
-    assert [[seg.name for seg in b.segments] for b in optimizer.layout.buckets] == [
-        ["dense/bias", "dense/kernel"], ["embedding/embeddings"]]
+    defaults, sharded = ShardedAdam(), ShardedAdam(replicate=[])
+    for optimizer in (defaults, sharded):
+        optimizer.build(model.trainable_variables)
+
+    def buckets(optimizer):
+        # Paths may carry the model's name ("sequential/dense/bias"): compare the ends.
+        return [(b.replicated, ["/".join(seg.name.split("/")[-2:]) for seg in b.segments])
+                for b in optimizer.layout.buckets]
+
+    assert buckets(defaults) == [(False, ["dense/bias", "dense/kernel"]), (True, ["embedding/embeddings"])]
+    assert buckets(sharded) == [(False, ["dense/bias", "dense/kernel"]), (False, ["embedding/embeddings"])]
+    # With more than one shard, a bucket under min_shard_elements is kept whole.
+    layout = plan_layout(variables, 2, bucket_elements=None, separate=[0], min_shard_elements=50)
+    assert [b.replicated for b in layout.buckets] == [True, False]  # 17 elements whole, 200 sharded
+    assert plan_layout(variables, 1, bucket_elements=None, min_shard_elements=50).buckets[0].replicated is False
+    assert ShardedAdam(min_shard_elements=30).get_config()["min_shard_elements"] == 30
+    with pytest.raises(ValueError, match="min_shard_elements"):
+        ShardedAdam(min_shard_elements=-1)
 
 
 def test_replicated_variables_get_whole_buckets_in_gradient_order():

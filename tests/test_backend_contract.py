@@ -21,8 +21,12 @@ def test_backend_in_one_file_runs_everything(tmp_path, workers):
     for row in job.rows:
         assert row["backend"] == "MPI4PyCollectives"
         assert row["workers"] == workers
-        # One reduce-scatter, one all-gather and the norm all-reduce per step.
-        assert row["launches"] == {"reduce_scatter": 1, "all_reduce": 1, "all_gather": 1}, row
+        # Two sharded buckets: the dense layers' (one reduce-scatter, one
+        # parameter all-gather) and the Embedding's, whose IndexedSlices rows
+        # are all-gathered packed before its parameters are; plus the one
+        # all-reduce of the global norm's statistics.
+        assert row["buckets"] == 2, row
+        assert row["launches"] == {"reduce_scatter": 1, "all_reduce": 1, "all_gather": 3}, row
         assert row["iterations"] == 24
         assert row["reference_moved"] > 1e-2
         clipped, updates = row["clipped_updates"]
@@ -32,8 +36,9 @@ def test_backend_in_one_file_runs_everything(tmp_path, workers):
         assert row["saved_keys"] is True
         assert row["restored_state_diff"] == 0.0 and row["restored_weights_diff"] == 0.0, row
         assert row["restored_iterations"] == 24
-        # m, v, v_hat, EMA: four shards of ceil(params / workers) each.
-        assert row["state_elements"] == 4 * -(-row["param_elements"] // workers), row
+        # m, v, v_hat, EMA: four shards of each bucket's ceil(elements / workers).
+        assert row["state_elements"] == 4 * row["shard_elements"], row
+        assert 0 <= row["shard_elements"] * workers - row["param_elements"] < workers * row["buckets"], row
 
 
 def test_an_incomplete_backend_cannot_be_instantiated():

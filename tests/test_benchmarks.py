@@ -5,8 +5,6 @@ processes) must pass benchmarks/check.py. Times are never asserted."""
 import copy
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,19 +22,8 @@ def _run(args, timeout):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(BENCH), str(ROOT), os.environ.get("PYTHONPATH")])),
                TF_CPP_MIN_LOG_LEVEL="2")
     env.pop("TF_CONFIG", None)
-    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{args} timed out after {timeout}s:\n{out[-4000:]}")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    return proc.returncode, out
+    finished = run_process([sys.executable, *args], timeout, cwd=ROOT, env=env)
+    return finished.code, finished.out
 
 
 @pytest.fixture(scope="module")

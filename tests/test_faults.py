@@ -3,14 +3,13 @@
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
 
-from conftest import WORKERS, free_ports, worker_env
+from conftest import finish, free_ports, kill_group, run_process, start_worker
 from distadam.watchdog import EXIT_STALLED
 
 # The bound this project promises for noticing a dead peer (the fault
@@ -21,19 +20,8 @@ FAILURE_BOUND_SECONDS = 60
 
 def launch(args, timeout):
     """Run distadam-launch; returns (exit code, output, wall seconds)."""
-    started = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "distadam.launch", *map(str, args)],
-        cwd=WORKERS, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        out, _ = proc.communicate()
-        pytest.fail(f"launcher did not finish in {timeout}s:\n{out[-4000:]}")
-    return proc.returncode, out, time.monotonic() - started
+    finished = run_process([sys.executable, "-m", "distadam.launch", *args], timeout)
+    return finished.code, finished.out, finished.seconds
 
 
 def worker_pids(output):
@@ -41,7 +29,10 @@ def worker_pids(output):
 
 
 def assert_no_survivors(output):
-    for pid in worker_pids(output):
+    pids = worker_pids(output)
+    # No pids parsed would make this check vacuous: the launcher always names them.
+    assert pids, f"no worker pids in the launcher's output:\n{output[-3000:]}"
+    for pid in pids:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -78,16 +69,14 @@ def test_survivor_exits_on_its_own_within_the_bound(tmp_path, fault, bound):
     procs = []
     try:
         for rank in range(2):
-            env = worker_env(TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": rank}}),
-                             DISTADAM_RANK=rank, DISTADAM_FAULT_BOUND=bound)
-            procs.append(subprocess.Popen(
-                [sys.executable, "fault_train.py", str(tmp_path / "ckpt"), str(tmp_path / "out"), "1", "7", fault],
-                cwd=WORKERS, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                start_new_session=True))
+            procs.append(start_worker(
+                ["fault_train.py", tmp_path / "ckpt", tmp_path / "out", 1, 7, fault],
+                TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": rank}}),
+                DISTADAM_RANK=rank, DISTADAM_FAULT_BOUND=bound))
         if fault == "kill":
-            victim_out, _ = procs[1].communicate(timeout=240)
+            victim_out = finish(procs[1], timeout=240)
             assert procs[1].returncode == -9, victim_out[-3000:]
-        survivor_out, _ = procs[0].communicate(timeout=240 + FAILURE_BOUND_SECONDS)
+        survivor_out = finish(procs[0], timeout=240 + FAILURE_BOUND_SECONDS)
         assert procs[0].returncode != 0
         marker = tmp_path / "ckpt" / "killed-rank1"
         waited = time.time() - marker.stat().st_mtime
@@ -100,9 +89,7 @@ def test_survivor_exits_on_its_own_within_the_bound(tmp_path, fault, bound):
             assert procs[0].returncode == EXIT_STALLED and "distadam: stalled" in survivor_out, survivor_out[-3000:]
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, 9)
-                proc.wait()
+            kill_group(proc)
 
 
 @pytest.mark.timeout(600)

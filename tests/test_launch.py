@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import kill_group
+from common import max_relative_difference
+from conftest import kill_group, run_process, start_process
 from distadam import launch
 from distadam.cluster import resolve_cluster
 
@@ -44,23 +45,14 @@ def probe(*options, nproc=2, network="private", pid_dir):
             "--no-python", sys.executable, str(PROBE), "--pid-dir", str(pid_dir), *options]
 
 
-def start(command, **kwargs):
-    return subprocess.Popen(command, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
+def start(command):
+    return start_process(command, cwd=ROOT, env=clean_env(), separate_stderr=True)
 
 
 def run(command, timeout):
     """Run to completion with a hard timeout; never leaves the process group behind."""
-    proc = start(command)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_group(proc)
-        out, err = proc.communicate()
-        pytest.fail(f"{command} timed out after {timeout}s\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
-    finally:
-        kill_group(proc)
-    return proc.returncode, out, err
+    finished = run_process(command, timeout, cwd=ROOT, env=clean_env(), separate_stderr=True)
+    return finished.code, finished.out, finished.err
 
 
 def is_alive(pid):
@@ -113,12 +105,6 @@ def wait_for_files(directory, pattern, count, timeout=60.0, proc=None):
 def load_weights(path):
     with np.load(path) as data:
         return [data[f"w{i}"] for i in range(sum(k.startswith("w") for k in data.files))]
-
-
-def max_relative_difference(weights, reference):
-    """max over tensors of ||a - b||_inf / ||b||_inf."""
-    return max(float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
-               for a, b in zip(weights, reference, strict=True))
 
 
 # ------------------------------------------------------------- training
@@ -532,7 +518,7 @@ def test_missing_tensorflow_is_named():
             "try:\n    distadam.ShardedAdam\nexcept ModuleNotFoundError as e:\n    print(e)\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(), capture_output=True,
                             text=True, timeout=50)
-    assert "distadam needs TensorFlow >= 2.16" in result.stdout, result.stderr
+    assert "distadam needs TensorFlow 2.21" in result.stdout, result.stderr
 
 
 @pytest.mark.timeout(60)

@@ -10,17 +10,15 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import time
 import typing
 import uuid
 from pathlib import Path
 
 import pytest
 
-from conftest import WORKERS, worker_env
+from conftest import run_process, worker_env
 
 TOLERANCE = 1e-5
 BIN = Path(sys.executable).parent
@@ -81,33 +79,15 @@ def run_job(command, timeout, **env) -> Job:
     Fails the test on timeout; always leaves no process of the job behind."""
     tag = uuid.uuid4().hex
     results = Path(tempfile.mkdtemp(prefix="distadam-results-"))
-    start = time.monotonic()
-    proc = subprocess.Popen(
-        [str(c) for c in command], cwd=WORKERS,
-        env=launcher_env(DISTADAM_TEST_JOB=tag, RESULT_DIR=results, **env),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
     try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        # SIGTERM first: horovodrun and mpirun then stop their ranks themselves.
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            out, _ = proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
-        pytest.fail(f"{command} timed out after {timeout}s; output tail:\n{out[-6000:]}")
+        finished = run_process(command, timeout, env=launcher_env(DISTADAM_TEST_JOB=tag, RESULT_DIR=results, **env),
+                               polite=True)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         _kill_tagged(tag)
     rows = [json.loads(line) for path in sorted(results.glob("rank*.jsonl"))
             for line in path.read_text().splitlines()]
     shutil.rmtree(results, ignore_errors=True)
-    return Job(out, proc.returncode, time.monotonic() - start, rows)
+    return Job(finished.out, finished.code, finished.seconds, rows)
 
 
 def result_lines(out):

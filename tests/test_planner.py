@@ -227,7 +227,7 @@ def test_placements_show_the_memory_and_bytes_trade_off():
     the rows (as Keras Adam does)."""
     dense = planner.VariableSpec("dense/kernel", (1000, 100), "float32")
     table = planner.VariableSpec("table/embeddings", (50_000, 32), "float32")
-    p = planner.plan([dense, table], 4, rows_per_step=512)
+    p = planner.plan([dense, table], 4, rows_per_step=512, replicate=[])
     (row,) = p.placements
     assert row["name"] == "table/embeddings"
     elements, itemsize, n = 50_000 * 32, 4, 4
@@ -236,9 +236,11 @@ def test_placements_show_the_memory_and_bytes_trade_off():
     rows = 512 * (32 * itemsize + 4) * (n - 1)
     assert row["bytes_replicated"] == row["bytes_adam"] == rows
     assert row["bytes_sharded"] == rows + elements * itemsize * (n - 1) / n
-    # The layout the optimizer would build: the table's bucket is replicated.
-    replicated = planner.plan([dense, table], 4, rows_per_step=512, replicate=["table"])
+    # The layout the optimizer builds by default: the table's bucket is
+    # replicated (as replicate=["table"] does), the dense one sharded.
+    replicated = planner.plan([dense, table], 4, rows_per_step=512)
     assert replicated.options["replicated_buckets"] == 1
+    assert planner.plan([dense, table], 4, rows_per_step=512, replicate=["table"]).sharded == replicated.sharded
     assert replicated.sharded_state_bytes == 2 * itemsize * (-(-100_000 // n) + elements)
     assert replicated.comm["sharded_as_configured"] < p.comm["sharded_as_configured"]
 
@@ -251,12 +253,15 @@ def test_plan_matches_the_optimizer_with_placements():
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4,), dtype="int32"), keras.layers.Embedding(300, 8),
                               keras.layers.Flatten(), keras.layers.Dense(5)])
-    for kwargs in ({}, {"replicate": ["embedding"]}, {"row_sparse": []}):
+    for kwargs in ({}, {"replicate": []}, {"replicate": ["dense"]}, {"row_sparse": []},
+                   {"replicate": [], "min_shard_elements": 100}):
         optimizer = distadam.ShardedAdam(**kwargs)
         optimizer.build(model.trainable_variables)
-        p = planner.plan(specs(model), 1, **{k: v for k, v in kwargs.items()})
+        p = planner.plan(specs(model), 1, **kwargs)
         assert p.sharded_state_bytes == sum(optimizer.state_bytes_per_device().values()), kwargs
         assert p.options["buckets"] == len(optimizer.layout.buckets), kwargs
+        assert p.options["replicated_buckets"] == sum(b.replicated for b in optimizer.layout.buckets), kwargs
+
 
 
 def test_cli_table_and_rows_flags(capsys):

@@ -51,7 +51,7 @@ def train(optimizer, model, data, worker, workers):
 
 data = common.make_data(STEPS)
 model = common.make_model()
-optimizer = distadam.ShardedAdam(backend="mpi4py", **CASE["kwargs"])
+optimizer = distadam.ShardedAdam(backend="mpi4py", **common.build_kwargs(CASE))
 optimizer.build(model.trainable_variables)
 train(optimizer, model, data, rank, size)
 
@@ -71,7 +71,7 @@ weights_before_ema = common.max_relative_difference(model.get_weights(), referen
 manager = ShardedCheckpointManager(sys.argv[1], model, optimizer)
 saved = manager.save()
 fresh_model = common.make_model(seed=99)
-fresh = distadam.ShardedAdam(backend="mpi4py", **CASE["kwargs"])
+fresh = distadam.ShardedAdam(backend="mpi4py", **common.build_kwargs(CASE))
 fresh.build(fresh_model.trainable_variables)
 ShardedCheckpointManager(sys.argv[1], fresh_model, fresh).restore()
 fresh_state = {}
@@ -101,5 +101,7 @@ emit({
     "clipped_updates": reference.clipped_updates(),
     "state_elements": int(sum(np.prod(v.shape) for v in optimizer.sharded_state.all_variables())),
     "param_elements": int(sum(np.prod(v.shape) for v in model.trainable_variables)),
+    "shard_elements": sum(b.shard_size for b in optimizer.layout.buckets),
+    "buckets": len(optimizer.layout.buckets),
 }, rank)
 keras.backend.clear_session()
