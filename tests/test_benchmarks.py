@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_process
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
