@@ -83,6 +83,25 @@ MULTIPROCESS_MODELS = {
 }
 
 
+def multiprocess_worker(inter_op_threads: int):
+    """Set up one worker process of the multi-process benchmarks; returns
+    (strategy, workers, rank).
+
+    One compute thread per worker process (intra-op, and inter-op unless
+    ``inter_op_threads`` is 0: TensorFlow's default): ops run one at a time,
+    as on a GPU's compute stream, while collectives progress on their own
+    threads; and the shared cores are not oversubscribed."""
+    import tensorflow as tf
+
+    import distadam
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    if inter_op_threads:
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
+    strategy = distadam.strategy_from_env(communication_timeout=300)
+    return strategy, strategy.num_replicas_in_sync, int(os.environ.get("DISTADAM_RANK", "0"))
+
+
 def multiprocess_batch(strategy, spec, rank):
     """This worker's own (x, y) batch for ``spec``, on its device."""
     import tensorflow as tf

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,19 +33,10 @@ ARGS = parser.parse_args()
 import harness  # noqa: E402  (sets TF logging before TF loads)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import distadam  # noqa: E402
 
-# One compute thread per worker process (intra- and inter-op): ops run one at
-# a time, as on a GPU's compute stream, while collectives progress on their
-# own threads; and the shared cores are not oversubscribed.
-tf.config.threading.set_intra_op_parallelism_threads(1)
-if ARGS.inter_op_threads:
-    tf.config.threading.set_inter_op_parallelism_threads(ARGS.inter_op_threads)
-STRATEGY = distadam.strategy_from_env(communication_timeout=300)
-N = STRATEGY.num_replicas_in_sync
-RANK = int(os.environ.get("DISTADAM_RANK", "0"))
+STRATEGY, N, RANK = harness.multiprocess_worker(ARGS.inter_op_threads)
 
 # ShardedAdam variants timed against Keras Adam, per model: the defaults, for
 # the embedding model the other placement of the table's state (the default

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -43,12 +42,7 @@ import tensorflow as tf  # noqa: E402
 
 import distadam  # noqa: E402
 
-tf.config.threading.set_intra_op_parallelism_threads(1)
-if ARGS.inter_op_threads:
-    tf.config.threading.set_inter_op_parallelism_threads(ARGS.inter_op_threads)
-STRATEGY = distadam.strategy_from_env(communication_timeout=300)
-N = STRATEGY.num_replicas_in_sync
-RANK = int(os.environ.get("DISTADAM_RANK", "0"))
+STRATEGY, N, RANK = harness.multiprocess_worker(ARGS.inter_op_threads)
 SPEC = harness.MULTIPROCESS_MODELS[ARGS.model]
 
 

@@ -104,25 +104,10 @@ def direct_launchers(strategy) -> DirectLaunchers | None:
 def all_to_all_sum(launcher, flat, num_workers: int):
     """Reduce-scatter through an all-to-all: row j of ``flat`` (viewed as
     [num_workers, S]) goes to replica j, which sums the rows it receives."""
-    try:
-        from tensorflow.python.distribute import collective_util
-        from tensorflow.python.ops import collective_ops
-
-        options = launcher._options.merge(collective_util.Options())
-        with tf.device(launcher._device):
-            rows = tf.reshape(flat, [num_workers, -1])
-            received = collective_ops.all_to_all_v2(
-                rows,
-                launcher._group_size,
-                launcher._group_key,
-                launcher._next_instance_key(),
-                ordering_token=launcher._get_ordering_token(),
-                timeout=options.timeout_seconds,
-            )
-    except _EXPECTED_ERRORS as error:
-        raise InternalsUnavailable(f"all_to_all_v2 through the strategy's launcher: {error}") from error
+    with tf.device(launcher._device):
+        rows = tf.reshape(flat, [num_workers, -1])
     # Row j came from replica j: its part of this replica's shard.
-    return tf.reduce_sum(received, axis=0)
+    return tf.reduce_sum(all_to_all_rows(launcher, rows), axis=0)
 
 
 def all_to_all_rows(launcher, rows):

@@ -15,7 +15,8 @@ WORKER_COUNTS = (1, 2, 3, 4)
 
 
 def run_all(jobs, timeout=420):
-    procs = [start_worker(args) for args in jobs]
+    """Run worker jobs concurrently, each ``args`` or ``(args, env)``; all must succeed."""
+    procs = [start_worker(job[0], **job[1]) if isinstance(job, tuple) else start_worker(job) for job in jobs]
     try:
         for proc in procs:
             out = finish(proc, timeout=timeout)
@@ -58,28 +59,14 @@ def test_reshard_across_placements(tmp_path):
     on 2 with everything sharded, resume each on 2 (replicated) and 4 (sharded)."""
     replicated = {"CKPT_PLACEMENT": '{"replicate": ["embed"]}'}
     saved = {"replicated3": tmp_path / "replicated3", "sharded2": tmp_path / "sharded2"}
-    procs = [start_worker(["ckpt_run.py", 3, "save", saved["replicated3"]], **replicated),
-             start_worker(["ckpt_run.py", 2, "save", saved["sharded2"]])]
-    try:
-        for proc in procs:
-            out = finish(proc, timeout=420)
-            assert proc.returncode == 0, out[-5000:]
-    finally:
-        for proc in procs:
-            kill_group(proc)
+    run_all([(["ckpt_run.py", 3, "save", saved["replicated3"]], replicated),
+             ["ckpt_run.py", 2, "save", saved["sharded2"]]])
     manifest = (saved["replicated3"] / "ckpt-000000000012" / "manifest.json").read_text()
     assert '"placement": "replicated"' in manifest and '"placement": "sharded"' in manifest
     sources = f"{saved['replicated3']},{saved['sharded2']}"
     outs = {"replicated2": tmp_path / "on2.npz", "sharded4": tmp_path / "on4.npz"}
-    procs = [start_worker(["ckpt_run.py", 2, "resume", sources, outs["replicated2"]], **replicated),
-             start_worker(["ckpt_run.py", 4, "resume", sources, outs["sharded4"]])]
-    try:
-        for proc in procs:
-            out = finish(proc, timeout=420)
-            assert proc.returncode == 0, out[-5000:]
-    finally:
-        for proc in procs:
-            kill_group(proc)
+    run_all([(["ckpt_run.py", 2, "resume", sources, outs["replicated2"]], replicated),
+             ["ckpt_run.py", 4, "resume", sources, outs["sharded4"]]])
     for out in outs.values():
         result = np.load(out)
         n_weights = sum(1 for k in result.files if k.startswith("full_w"))
