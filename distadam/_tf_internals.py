@@ -20,6 +20,13 @@ What is used, and why the public API does not suffice:
 * ``CollectiveReplicaLauncher._all_gather``: an all-gather without the shape
   exchange ``ReplicaContext.all_gather`` performs (shards are equal by
   construction): one collective instead of two.
+* ``cross_device_utils.CollectiveKeys`` / ``CollectiveReplicaLauncher``:
+  launchers of our own for the subgroups of hybrid sharding (a group of
+  workers, or the workers at one position across groups), with group keys
+  every process derives alike, sharing the device's ordering token with the
+  strategy's launcher so all collectives on a device run in program order.
+* ``StrategyExtended._get_replica_id_in_sync_group``: which replicas this
+  process holds, at build time (possibly inside replica context).
 * ``StrategyExtended._use_merge_call`` / ``._get_cross_device_ops``: whether
   the strategy runs replica functions with merge_call (not under XLA) and
   which cross-device ops it would use for a float tensor.
@@ -32,6 +39,7 @@ What is used, and why the public API does not suffice:
 from __future__ import annotations
 
 import types
+import weakref
 
 import tensorflow as tf
 
@@ -99,6 +107,77 @@ def direct_launchers(strategy) -> DirectLaunchers | None:
     if len(launchers) != len(worker_devices):
         return None
     return DirectLaunchers(launchers, lock)
+
+
+#: Group keys of hybrid sharding's subgroups: far above the keys the
+#: strategy allocates (from 1, one per device set), and computed from the
+#: subgroup's identity, so every process names the same subgroup alike
+#: without communicating. (Two different device sets under one key would be
+#: merged into one group by the group leader.)
+SUBGROUP_KEY_BASE = 0x5D000000
+
+
+#: base launcher (owned by the strategy) -> {group size: (within, across)}.
+_SUBGROUP_LAUNCHERS = weakref.WeakKeyDictionary()
+
+
+def subgroup_key(group_size: int, across: bool, index: int) -> int:
+    """Group key of group ``index`` (within) or of position ``index``
+    (across) when sharding over groups of ``group_size``."""
+    return SUBGROUP_KEY_BASE + ((((group_size << 1) | int(across)) << 12) + index)
+
+
+def local_replica_ids(strategy) -> list:
+    """The replica id in sync group of each local replica, known without
+    running anything (the optimizer may be built inside replica context,
+    where :meth:`DistributeCollectives.local_worker_indices` cannot run)."""
+    try:
+        extended = strategy.extended
+        return [int(extended._get_replica_id_in_sync_group(i)) for i in range(len(extended.worker_devices))]
+    except _EXPECTED_ERRORS as error:
+        raise InternalsUnavailable(f"local replica ids: {error}") from error
+
+
+def subgroup_launchers(direct: DirectLaunchers, worker_indices, group_size: int, num_workers: int):
+    """(within, across): :class:`DirectLaunchers` over each local replica's
+    group and over its position across groups, or raise InternalsUnavailable."""
+    try:
+        from tensorflow.python.distribute import cross_device_utils
+
+        def launcher_for(base, key, size):
+            keys = cross_device_utils.CollectiveKeys(group_key_start=key)
+            if keys.get_group_key([base._device]) != key:
+                raise ValueError("CollectiveKeys did not start at the requested group key")
+            launcher = cross_device_utils.CollectiveReplicaLauncher(key, size, keys, base._device, base._options)
+            # One ordering token per device: our collectives and the
+            # strategy's run in the order they were traced, on every worker.
+            launcher._ordering_token = base._ordering_token
+            return launcher
+
+        within, across = [], []
+        for base, worker in zip(direct.launchers, worker_indices):
+            # One launcher per (device, group) for the strategy's lifetime:
+            # its instance keys must keep counting up across optimizers (a
+            # second optimizer starting over would reuse keys TF has seen).
+            cached = _SUBGROUP_LAUNCHERS.setdefault(base, {})
+            if group_size not in cached:
+                cached[group_size] = (
+                    launcher_for(base, subgroup_key(group_size, False, worker // group_size), group_size),
+                    launcher_for(base, subgroup_key(group_size, True, worker % group_size),
+                                 num_workers // group_size))
+            within.append(cached[group_size][0])
+            across.append(cached[group_size][1])
+    except _EXPECTED_ERRORS as error:
+        raise InternalsUnavailable(f"subgroup launchers: {error}") from error
+    return DirectLaunchers(within, direct.lock), DirectLaunchers(across, direct.lock)
+
+
+def launcher_all_reduce(launcher, values):
+    """Sum of ``values`` over the launcher's group."""
+    try:
+        return launcher.all_reduce(values)
+    except _EXPECTED_ERRORS as error:
+        raise InternalsUnavailable(f"launcher all-reduce: {error}") from error
 
 
 def all_to_all_sum(launcher, flat, num_workers: int):

@@ -79,7 +79,8 @@ def check_adam_arguments(
 
 
 def check_sharding_arguments(*, backend, bucket_elements, shard_alignment, skip_nonfinite, replicate,
-                             row_sparse, min_shard_elements, fused_update, max_consecutive_skips):
+                             row_sparse, min_shard_elements, fused_update, max_consecutive_skips,
+                             shard_group_size=None):
     """The arguments ShardedAdam adds to Adam's."""
     require_bool("skip_nonfinite", skip_nonfinite)
     require_positive_int("max_consecutive_skips", max_consecutive_skips, allow_none=True)
@@ -95,6 +96,8 @@ def check_sharding_arguments(*, backend, bucket_elements, shard_alignment, skip_
     require_positive_int("bucket_elements", bucket_elements, allow_none=True)
     require_positive_int("shard_alignment", shard_alignment)
     require_positive_int("min_shard_elements", min_shard_elements, minimum=0)
+    # Whether it divides the number of workers is checked when the workers are known (build).
+    require_positive_int("shard_group_size", shard_group_size, allow_none=True)
 
 
 def _iterable(value, name):

@@ -257,9 +257,14 @@ class ShardedCheckpointManager:
         self.read_only = bool(read_only)
         collectives = optimizer.collectives
         self._collectives = collectives
-        self._local_shards = collectives.local_worker_indices()
-        self._per_process = len(self._local_shards)
-        self.process_index = min(self._local_shards) // self._per_process
+        local_workers = collectives.local_worker_indices()
+        self._per_process = len(local_workers)
+        self.process_index = min(local_workers) // self._per_process
+        # The shard each local worker holds (its position in its group under
+        # hybrid sharding), and the shards this process writes: one copy of
+        # each, from the workers of the first group (worker s holds shard s).
+        self._local_shards = optimizer.shard_collectives.local_worker_indices()
+        self._written_shards = [w for w in local_workers if w < optimizer.num_shards]
         self.process_count = collectives.num_workers // self._per_process
         self._lock = None
         self.job = None
@@ -373,7 +378,7 @@ class ShardedCheckpointManager:
             # by another client may not be visible here yet.
             partial.mkdir(exist_ok=True)
             written = {}
-            for shard in self._local_shards:
+            for shard in self._written_shards:
                 name = files.shard_file(shard, optimizer.num_shards)
                 written[name] = files.write_npz(partial / name, self._shard_arrays(shard, step))
             if self.process_index == 0:
@@ -438,7 +443,7 @@ class ShardedCheckpointManager:
                 listing = json.loads(files.read_regular_file(partial, name, 1 << 24).decode())
             except (FormatError, ValueError) as error:
                 raise CheckpointError(f"process {process}'s file list {name}: {_describe(error)}") from None
-            owned = range(process * self._per_process, (process + 1) * self._per_process)
+            owned = range(process * self._per_process, min((process + 1) * self._per_process, self.optimizer.num_shards))
             expected = {files.shard_file(s, self.optimizer.num_shards) for s in owned}
             if process == 0:
                 expected.add(files.MODEL_FILE)

@@ -43,7 +43,7 @@ import tensorflow as tf
 from distadam import _keras_internals as hooks
 from distadam import _tf_internals
 from distadam import adam_math, arguments, bucket_ops, keras_format, shard_update
-from distadam.collectives import resolve_backend
+from distadam.collectives import hybrid, resolve_backend
 from distadam.partition import DEFAULT_BUCKET_ELEMENTS, Layout, plan_layout
 from distadam.state import ShardedState, ShardStateVariable
 
@@ -107,6 +107,14 @@ class ShardedAdam(keras.optimizers.Optimizer):
             parameters ``min_shard_elements=2**20`` (at most 8 MiB of float32
             ``m`` + ``v`` kept whole) made the step measurably faster (see
             benchmarks/README.md).
+        shard_group_size: hybrid sharding: shard the state over groups of
+            this many consecutive workers and replicate it across the groups
+            (must divide the number of workers). Gradients are
+            reduce-scattered within the group and the shards all-reduced
+            across groups; parameters are all-gathered within the group only.
+            On a cluster, set it to the devices per node: the gathers stay on
+            the node's links and 1/G of each bucket crosses the network (see
+            ``distadam plan``). Default ``None``: all workers, each holds 1/N.
         fused_update: compile each bucket's shard update with XLA into one
             pass (default); ``False`` runs it op by op, bit for bit the
             arithmetic of ``keras.optimizers.Adam``.
@@ -148,6 +156,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
         replicate=("embeddings",),
         row_sparse=("embeddings",),
         min_shard_elements=0,
+        shard_group_size=None,
         fused_update=True,
         **kwargs,
     ):
@@ -161,7 +170,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
         arguments.check_sharding_arguments(
             backend=backend, bucket_elements=bucket_elements, shard_alignment=shard_alignment,
             skip_nonfinite=skip_nonfinite, replicate=replicate, row_sparse=row_sparse,
-            min_shard_elements=min_shard_elements,
+            min_shard_elements=min_shard_elements, shard_group_size=shard_group_size,
             fused_update=fused_update, max_consecutive_skips=max_consecutive_skips,
         )
         if arguments.is_real_number(learning_rate):
@@ -192,8 +201,10 @@ class ShardedAdam(keras.optimizers.Optimizer):
         self.replicate = tuple(replicate)
         self.row_sparse = tuple(row_sparse)
         self.min_shard_elements = int(min_shard_elements)
+        self.shard_group_size = None if shard_group_size is None else int(shard_group_size)
         self.fused_update = bool(fused_update)
         hooks.set_untracked(self, "_collectives", None)
+        hooks.set_untracked(self, "_shard_collectives", None)
         hooks.set_untracked(self, "_layout", None)
         hooks.set_untracked(self, "_state", None)
         # Compiled per-bucket functions, traced once and reused by every step
@@ -211,9 +222,12 @@ class ShardedAdam(keras.optimizers.Optimizer):
         if tf.distribute.has_strategy():
             self._distribution_strategy = tf.distribute.get_strategy()
         collectives = resolve_backend(self.backend)
+        # The workers one copy of the state is sharded over: all of them, or
+        # a group of shard_group_size (hybrid sharding).
+        shard_collectives = hybrid.shard_group(collectives, self.shard_group_size)
         layout = plan_layout(
             var_list,
-            num_shards=collectives.num_workers,
+            num_shards=shard_collectives.num_workers,
             bucket_elements=self.bucket_elements,
             shard_alignment=self.shard_alignment,
             replicated=[i for i, v in enumerate(var_list) if _matches(v, self.replicate)],
@@ -221,6 +235,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
             min_shard_elements=self.min_shard_elements,
         )
         hooks.set_untracked(self, "_collectives", collectives)
+        hooks.set_untracked(self, "_shard_collectives", shard_collectives)
         hooks.set_untracked(self, "_layout", layout)
         # Workers must agree on the layout. Checked now with one tiny eager
         # all-reduce when possible; a first build inside a traced step cannot
@@ -229,7 +244,8 @@ class ShardedAdam(keras.optimizers.Optimizer):
         if collectives.num_workers > 1 and tf.executing_eagerly():
             self._verify_same_layout_everywhere()
             self._layout_verified = True
-        hooks.set_untracked(self, "_state", ShardedState(layout, collectives, self._state_kinds(), self._new_state_variable))
+        hooks.set_untracked(self, "_state", ShardedState(layout, shard_collectives, self._state_kinds(),
+                                                         self._new_state_variable))
         with tf.init_scope():
             # A tf.Variable, not a Keras one: it stays out of `variables`, so
             # saved state keeps keras.optimizers.Adam's exact layout.
@@ -314,7 +330,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
 
     def _reduce_sum(self, step, b):
         bucket = self._layout.buckets[b]
-        collectives = self._collectives
+        collectives = self._collectives  # all workers
         name = f"bucket{b}_gradients"
         sparse = step.sparse_gradient(bucket)
         if sparse is not None and collectives.num_workers > 1:
@@ -327,7 +343,8 @@ class ShardedAdam(keras.optimizers.Optimizer):
         flat = bucket_ops.flatten(bucket, step.dense_grads(bucket))
         if bucket.replicated:
             return collectives.all_reduce_sum(flat, name=name)
-        return collectives.reduce_scatter_sum(flat, name=name)
+        # Summed over all workers; this worker receives its shard.
+        return self._shard_collectives.reduce_scatter_sum(flat, name=name)
 
     def _accumulate(self, step, grad_shards):
         """With gradient accumulation, add the shards to the accumulator and
@@ -353,7 +370,9 @@ class ShardedAdam(keras.optimizers.Optimizer):
         summed over workers in ONE small all-reduce (the total for
         ``global_clipnorm``, one per variable for ``clipnorm``). A replicated
         bucket is the same on every worker, so its squares are added once,
-        after the all-reduce. Without norm clipping nothing is launched."""
+        after the all-reduce; under hybrid sharding the sum spans one group,
+        which holds every (already global) gradient element once. Without
+        norm clipping nothing is launched."""
         buckets = self._layout.buckets
         sharded = [b for b, bucket in enumerate(buckets) if not bucket.replicated]
         replicated = [b for b, bucket in enumerate(buckets) if bucket.replicated]
@@ -361,7 +380,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
             total = tf.zeros([], tf.float32)
             if sharded:
                 partial = adam_math.total_sum_of_squares([grad_shards[b] for b in sharded])
-                total = self._collectives.all_reduce_sum(tf.reshape(partial, [1]), name="norm_statistics")[0]
+                total = self._shard_collectives.all_reduce_sum(tf.reshape(partial, [1]), name="norm_statistics")[0]
             if replicated:
                 total = total + adam_math.total_sum_of_squares([grad_shards[b] for b in replicated])
             return {"global_clip_scale": adam_math.global_norm_scale(total, self.global_clipnorm)}
@@ -371,7 +390,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
                 for b in range(len(buckets))
             }
             if sharded:
-                reduced = self._collectives.all_reduce_sum(
+                reduced = self._shard_collectives.all_reduce_sum(
                     tf.concat([sums[b] for b in sharded], axis=0), name="norm_statistics")
                 sums.update(zip(sharded, tf.split(reduced, [len(buckets[b].segments) for b in sharded])))
             return {"variable_norm_sums": sums}
@@ -522,7 +541,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
         asserts that all fingerprints match its own.
 
         Returns (flat parameters of the bucket, layout assertion or None)."""
-        collectives = self._collectives
+        collectives = self._shard_collectives
         if collectives.num_workers == 1 or bucket.replicated:
             return params, None
         name = f"bucket{b}_params"
@@ -560,6 +579,17 @@ class ShardedAdam(keras.optimizers.Optimizer):
         """The communication backend (:class:`distadam.collectives.Collectives`)."""
         self._require_built("collectives")
         return self._collectives
+
+    @property
+    def shard_collectives(self):
+        """The collectives over the workers that share one copy of the state:
+        :attr:`collectives` itself, or under hybrid sharding
+        (``shard_group_size`` < workers) a
+        :class:`distadam.collectives.hybrid.ShardGroupCollectives` whose
+        ``num_workers`` is the group size and ``worker_index`` the position
+        in the group (= the shard held)."""
+        self._require_built("shard_collectives")
+        return self._shard_collectives
 
     @property
     def layout(self) -> Layout:
@@ -680,6 +710,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
                 "replicate": list(self.replicate),
                 "row_sparse": list(self.row_sparse),
                 "min_shard_elements": self.min_shard_elements,
+                "shard_group_size": self.shard_group_size,
                 "fused_update": self.fused_update,
             }
         )
@@ -694,7 +725,9 @@ class _StepContext:
     def __init__(self, optimizer, grads):
         self.grads = grads  # {variable index: local gradient (dense or IndexedSlices)}
         self.layout = optimizer._layout
-        self.worker = optimizer._collectives.worker_index()
+        # The shard this worker holds (its position in its group when the
+        # state is sharded over groups).
+        self.worker = optimizer._shard_collectives.worker_index()
         self.learning_rate = tf.convert_to_tensor(optimizer.learning_rate)
         # Accumulated iterations, as Keras' Adam uses.
         self.iterations = tf.convert_to_tensor(optimizer.iterations)

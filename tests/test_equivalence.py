@@ -56,6 +56,24 @@ CASES = [
      "kwargs": {"loss_scale_factor": 128.0, "amsgrad": True, "global_clipnorm": 0.8,
                 "weight_decay": 0.01, "learning_rate": 0.003}},
 ]
+# Hybrid sharding (shard_group_size=G < N): the state is sharded within groups
+# of G workers and replicated across groups. Run at N = 4: G = 2 (two groups
+# of two) and G = 1 (every worker holds everything; the shards are only
+# all-reduced). The norm-clipping cases check the statistics are counted once
+# per element, not once per group; the sparse Embedding gradient's rows come
+# from all four workers into each group's shards.
+HYBRID_REPLICAS = 4
+HYBRID_CASES = [
+    {"name": "groups_of_2_defaults_model_fit", "mode": "fit", "kwargs": {"shard_group_size": 2}},
+    {"name": "groups_of_2_clipnorm_amsgrad", "kwargs": {"shard_group_size": 2, "clipnorm": 0.5, "amsgrad": True}},
+    {"name": "groups_of_2_global_clipnorm_replicated_embedding",
+     "kwargs": {"shard_group_size": 2, "global_clipnorm": 0.8, "replicate": ["embed"]}, "replicated_buckets": 1},
+    {"name": "groups_of_2_accumulation_ema_weight_decay_small_buckets",
+     "kwargs": {"shard_group_size": 2, "gradient_accumulation_steps": 2, "use_ema": True, "weight_decay": 0.02,
+                "bucket_elements": 150}},
+    {"name": "groups_of_1_global_clipnorm", "kwargs": {"shard_group_size": 1, "global_clipnorm": 0.8}},
+]
+CASES += HYBRID_CASES
 for case in CASES:
     case["steps"] = STEPS
 
@@ -68,7 +86,14 @@ ONE_WORKER_CASES = ("defaults", "defaults_model_fit", "global_clipnorm", "gradie
 
 
 def cases_for(replicas):
-    return [c for c in CASES if replicas > 1 or c["name"] in ONE_WORKER_CASES]
+    if replicas == 1:
+        return [c for c in CASES if c["name"] in ONE_WORKER_CASES]
+    return [c for c in CASES if c not in HYBRID_CASES or replicas == HYBRID_REPLICAS]
+
+
+def group_size(case, replicas):
+    """Workers one copy of the state is sharded over."""
+    return case.get("kwargs", {}).get("shard_group_size") or replicas
 
 
 RUNS = [pytest.param(n, case, id=f"{case['name']}-{n}") for n in REPLICAS for case in cases_for(n)]
@@ -122,13 +147,27 @@ def test_matches_single_device_adam(results, replicas, case):
     assert placements.count("replicated") == case.get("replicated_buckets", 0), placements
     expected_sparse = 0 if case.get("kwargs", {}).get("row_sparse") == [] else 1
     assert len(row["sparse_buckets"]) == expected_sparse, row["sparse_buckets"]
+    groups = group_size(case, replicas)
+    assert row["group_ops"] == (None if groups == replicas else "none" if groups == 1
+                                else "direct" if direct_collectives_requested() else "emulated")
     if replicas > 1:
         sparse = row["sparse_buckets"]
         sharded = placements.count("sharded")
         replicated_sparse = sum(placements[b] == "replicated" for b in sparse)
-        expected = {"reduce_scatter": sharded - (len(sparse) - replicated_sparse),
+        sharded_dense = sharded - (len(sparse) - replicated_sparse)
+        norm = row["norm_statistics"]
+        expected = {"reduce_scatter": sharded_dense,
                     "all_gather": sharded + len(sparse),
-                    "all_reduce": placements.count("replicated") - replicated_sparse + row["norm_statistics"]}
+                    "all_reduce": placements.count("replicated") - replicated_sparse + norm}
+        if row["group_ops"] == "direct":  # each shard is also all-reduced across groups
+            expected["all_reduce"] += sharded_dense
+        elif row["group_ops"] == "emulated":  # the group's collectives, emulated over all workers
+            expected["all_reduce"] += sharded_dense + norm
+            expected["all_gather"] += sharded
+        elif row["group_ops"] == "none":  # groups of one: shards all-reduced, nothing gathered
+            expected = {"reduce_scatter": sharded_dense,
+                        "all_gather": len(sparse),
+                        "all_reduce": placements.count("replicated") - replicated_sparse + sharded_dense + norm}
         # Launches are counted while tracing: once per replica and trace.
         traces = sum(row["launches"].values()) // sum(expected.values())
         assert traces >= 1 and row["launches"] == {k: v * traces for k, v in expected.items()}, \
@@ -143,6 +182,7 @@ def test_state_is_sharded(results, replicas):
         row = results[(replicas, case["name"])]
         per_device = row["state_bytes_per_device"]
         assert len(per_device) == replicas
+        shards = group_size(case, replicas)
         total_params = sum(row["param_counts"])
         kinds = row["reference_state_bytes"] // (4 * total_params)
         # Adam keeps m, v (+v_hat, +EMA, +accumulators) per parameter, mirrored.
@@ -157,9 +197,9 @@ def test_state_is_sharded(results, replicas):
         buckets = len(shard_sizes)
         for nbytes in per_device.values():
             assert nbytes == kinds * 4 * sum(shard_sizes.values()), (case["name"], row["layout"])
-            bound = (row["reference_state_bytes"] - kinds * 4 * replicated) / replicas + kinds * 4 * replicated
-            assert nbytes <= bound + kinds * 4 * buckets * (replicas - 1), (case["name"], nbytes, bound)
-        # Every element of every variable is owned by exactly one replica.
+            bound = (row["reference_state_bytes"] - kinds * 4 * replicated) / shards + kinds * 4 * replicated
+            assert nbytes <= bound + kinds * 4 * buckets * (shards - 1), (case["name"], nbytes, bound)
+        # Every element of every variable is owned by exactly one shard.
         owned = {}
         for entry in row["layout"]:
             for piece in entry["variables"]:

@@ -43,7 +43,16 @@ MPI_CASES = [
     {"name": "global_clipnorm_fit", "mode": "fit", "kwargs": {"global_clipnorm": 0.8}},
     {"name": "native_reducescatter", "reduce_scatter": "reducescatter"},
 ]
-for _case in CASES + MPI_CASES:
+# Hybrid sharding at -np 4: groups of 2 (state sharded within, replicated
+# across) and of 4 (= all ranks, the default). Clipping mixes clipped and
+# unclipped steps, so statistics counted once per group instead of once
+# would show.
+HYBRID_CASES = [
+    {"name": "groups_of_2_global_clipnorm", "kwargs": {"shard_group_size": 2, "global_clipnorm": 0.8}},
+    {"name": "groups_of_2_clipnorm_fit", "mode": "fit", "kwargs": {"shard_group_size": 2, "clipnorm": 0.5}},
+    {"name": "groups_of_4_defaults", "kwargs": {"shard_group_size": 4}},
+]
+for _case in CASES + MPI_CASES + HYBRID_CASES:
     _case["steps"] = STEPS
 
 
@@ -52,8 +61,9 @@ def horovodrun(np_, controller, *args):
             "python", *args]
 
 
-def equivalence(np_, controller, cases, timeout):
-    job = run_job(horovodrun(np_, controller, "hvd_equivalence.py", json.dumps(cases)), timeout=timeout)
+def equivalence(np_, controller, cases, timeout, env=None):
+    job = run_job(horovodrun(np_, controller, "hvd_equivalence.py", json.dumps(cases)), timeout=timeout,
+                  **(env or {}))
     assert job.code == 0, \
         f"horovodrun -np {np_} --{controller} failed after {job.seconds:.0f}s:\n{job.out[-8000:]}"
     rows = {row["case"]: row for row in job.rows}
@@ -71,9 +81,10 @@ def check_equivalence(row, workers):
     # Adam's m and v divided over the workers; padding adds at most one
     # element per (state kind, bucket) to a shard.
     allowance = row["state_kinds"] * row["buckets"] * 4
+    shards = row["shard_group_size"]  # workers one copy of the state is sharded over
     for nbytes in row["state_bytes_per_rank"]:
         if "replicated" not in row["case"]:
-            assert nbytes <= row["reference_state_bytes"] / workers + allowance, row
+            assert nbytes <= row["reference_state_bytes"] / shards + allowance, row
     clipped, updates = row["clipped_updates"]
     assert updates == STEPS
     if "clipnorm" in row["case"]:
@@ -102,6 +113,34 @@ def test_horovodrun_gloo_matches_keras_adam(gloo_results, workers, case):
     check_equivalence(row, workers)
     # "auto" on CPU: alltoall + local sum, measured fastest under Gloo and MPI.
     assert row["reduce_scatter"] == MODE_OF_CASE.get(case, "alltoall")
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("process_sets", ["added_by_the_optimizer", "declared_at_init"])
+def test_horovodrun_hybrid_groups_match_keras_adam(process_sets):
+    """-np 4 with shard_group_size 2 and 4. The process sets come either from
+    Horovod's dynamic mode (the optimizer adds them) or from
+    hvd.init(process_sets=hybrid_process_sets(4, 2))."""
+    if process_sets == "added_by_the_optimizer":
+        cases, env = HYBRID_CASES[::2], {"HOROVOD_DYNAMIC_PROCESS_SETS": "1"}
+    else:
+        cases, env = HYBRID_CASES[1:2], {"DISTADAM_TEST_DECLARE_GROUPS": "2"}
+    rows = equivalence(4, "gloo", cases, timeout=540, env=env)
+    for case in cases:
+        row = rows[case["name"]]
+        check_equivalence(row, 4)
+        groups = case["kwargs"]["shard_group_size"]
+        assert row["shard_group_size"] == groups
+        # Per bucket: a reduce-scatter within the group (plus, for groups
+        # smaller than the world, an all-reduce across groups) and an
+        # all-gather of the new parameters within it; the Embedding's
+        # gradient rows are all-gathered from every rank instead of reduced.
+        dense = row["buckets"] - 1
+        expected = {"reduce_scatter": dense, "all_gather": row["buckets"] + 1,
+                    "all_reduce": (dense if groups < 4 else 0) + (1 if "clipnorm" in case["name"] else 0)}
+        # Counted while tracing: once per trace of the step.
+        traces = sum(row["launches"].values()) // sum(expected.values())
+        assert traces >= 1 and row["launches"] == {k: v * traces for k, v in expected.items()}, row["launches"]
 
 
 @pytest.mark.timeout(240)

@@ -1,4 +1,4 @@
-"""MultiWorkerMirroredStrategy, 2 processes on 127.0.0.1: same weights as one process."""
+"""MultiWorkerMirroredStrategy, 2 and 4 processes on 127.0.0.1: same weights as one process."""
 
 import json
 
@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import finish, free_ports, kill_group, start_worker
+from distadam.collectives.tf_distribute import direct_collectives_requested
 
 TOLERANCE = 1e-5
 
@@ -17,11 +18,16 @@ TOLERANCE = 1e-5
         # Clips 17 of the 30 updates (a mix, so a gradient-scale bug shows).
         {"name": "global_clipnorm_schedule", "kwargs": {"global_clipnorm": 0.6},
          "schedule": {"initial_learning_rate": 0.01, "decay_steps": 10, "decay_rate": 0.5, "staircase": True}},
+        # Hybrid sharding over 4 processes: groups of 2 (subgroup collectives
+        # across processes), per-variable norms counted once, EMA.
+        {"name": "four_workers_groups_of_2_clipnorm_ema", "workers": 4,
+         "kwargs": {"shard_group_size": 2, "clipnorm": 0.5, "use_ema": True}},
     ],
     ids=lambda c: c["name"],
 )
-def test_two_workers_match_single_process(tmp_path, case):
-    workers = 2
+def test_workers_match_single_process(tmp_path, case):
+    workers = case.get("workers", 2)
+    shards = case.get("kwargs", {}).get("shard_group_size", workers)
     ports = ",".join(map(str, free_ports(workers)))
     outs = [tmp_path / f"rank{r}.npz" for r in range(workers)]
     procs = [start_worker(["mwms.py", r, ports, json.dumps(case), outs[r]]) for r in range(workers)]
@@ -44,7 +50,13 @@ def test_two_workers_match_single_process(tmp_path, case):
     assert 0 < clipped < updates == 30, "clipping must mix clipped and unclipped updates"
     for result in results:
         assert int(result["iterations"]) == 30
-        assert int(result["state_bytes"]) <= int(results[0]["reference_state_bytes"]) / workers + 2 * 4 * workers
+        kinds = 3 if case["kwargs"].get("use_ema") else 2
+        assert int(result["state_bytes"]) <= int(results[0]["reference_state_bytes"]) / shards + kinds * 4 * shards
+        assert int(result["num_shards"]) == shards
+        # Groups smaller than the world use subgroup collectives, unless the
+        # portable path is forced (CI's second leg): then the emulation.
+        expected = ("direct" if direct_collectives_requested() else "emulated") if shards < workers else ""
+        assert str(result["group_ops"]) == expected
 
 
 @pytest.mark.timeout(300)

@@ -20,6 +20,10 @@ Vocabulary used throughout distadam: a *worker* is one participant holding one
 shard of the state (a replica under tf.distribute, a rank under Horovod); a
 *process* may hold several workers (MirroredStrategy over several devices).
 
+Hybrid sharding (state sharded within groups of workers, replicated across
+groups) builds on a backend's :meth:`Collectives.subgroup_ops`; see
+:mod:`distadam.collectives.hybrid`.
+
 A new backend is one file: subclass :class:`Collectives`, implement the
 abstract methods, and register it with
 :func:`distadam.collectives.register_backend`.
@@ -117,6 +121,15 @@ class Collectives(abc.ABC):
 
     @abc.abstractmethod
     def _all_gather_rows(self, rows, name): ...
+
+    def subgroup_ops(self, group_size: int):
+        """The in-step collectives of hybrid sharding over groups of
+        ``group_size`` consecutive workers (an object with the methods of
+        :class:`distadam.collectives.hybrid.SubgroupOps`), or None when the
+        backend has no subgroup collectives: they are then emulated over all
+        workers (correct, more bytes). Called once, when the optimizer is
+        built, on every worker."""
+        return None
 
     def assign_replicated(self, variables, values) -> None:
         """Inside a step: write ``values``, identical on every worker, into the

@@ -202,6 +202,44 @@ class HorovodCollectives(Collectives):
             return rows
         return self._hvd.allgather(rows, name=self._op_name(name))  # first dimensions may differ
 
+    def subgroup_ops(self, group_size):
+        """Hybrid sharding's group collectives on Horovod process sets: one
+        per group of ``group_size`` consecutive ranks and one per position
+        across groups. Uses the sets registered by ``hvd.init(process_sets=
+        distadam.collectives.horovod.hybrid_process_sets(hvd.size(), G))``, or
+        adds them when Horovod runs with ``HOROVOD_DYNAMIC_PROCESS_SETS=1``."""
+        if group_size == self._size:
+            return None
+        groups = [list(range(start, start + group_size)) for start in range(0, self._size, group_size)]
+        positions = [list(range(p, self._size, group_size)) for p in range(group_size)]
+        # The sets hybrid_process_sets() handed to hvd.init() (which set their
+        # ids) or that an earlier optimizer added, by ranks.
+        registered = {ranks: ps for ranks, ps in _KNOWN_SETS.items() if ps.process_set_id is not None}
+        sets = {}
+        for ranks in groups + positions:  # the same order on every rank
+            key = tuple(ranks)
+            if len(ranks) == 1:
+                sets[key] = _SingleRank(ranks)  # a set of one: nothing to communicate
+            elif len(ranks) == self._size:  # groups of one: across is every rank
+                sets[key] = self._hvd.global_process_set
+            elif key in registered:
+                process_set = registered[key]
+            else:
+                try:
+                    process_set = self._hvd.add_process_set(list(ranks))
+                    _KNOWN_SETS[key] = process_set
+                except Exception as error:  # noqa: BLE001 - Horovod raises several kinds
+                    raise RuntimeError(
+                        f"shard_group_size={group_size} needs Horovod process sets for ranks {list(ranks)}: "
+                        "initialise Horovod with hvd.init(process_sets=distadam.collectives.horovod."
+                        f"hybrid_process_sets(hvd.size(), {group_size})), or run with "
+                        f"HOROVOD_DYNAMIC_PROCESS_SETS=1 ({type(error).__name__}: {error})") from error
+            if key not in sets:
+                sets[key] = process_set
+        within = sets[tuple(groups[self._rank // group_size])]
+        across = sets[tuple(positions[self._rank % group_size])]
+        return _HorovodSubgroupOps(self, within, across, group_size)
+
     def _eager_name(self, what):
         # Horovod matches ops across ranks by name, and eager ops have no graph
         # node name to borrow. A per-call name from a counter is identical on
@@ -225,3 +263,73 @@ class HorovodCollectives(Collectives):
             return [np.asarray(t) for t in tensors]
         gathered = self._hvd.grouped_allgather(tensors, name=self._eager_name("gather_eagerly"))
         return [np.asarray(t) for t in gathered]
+
+
+def hybrid_process_sets(size: int, group_size: int) -> list:
+    """The Horovod process sets ``ShardedAdam(shard_group_size=group_size)``
+    needs among ``size`` ranks, to pass to ``hvd.init(process_sets=...)``
+    (every rank passes the same list): each group of consecutive ranks, and
+    each position across groups."""
+    hvd = _import_horovod()
+    if group_size < 1 or size % group_size or group_size == size:
+        raise ValueError(f"group_size must be a divisor of size ({size}) smaller than it, got {group_size}")
+    groups = [list(range(start, start + group_size)) for start in range(0, size, group_size)]
+    positions = [list(range(p, size, group_size)) for p in range(group_size)]
+    sets = [hvd.ProcessSet(ranks) for ranks in groups + positions if len(ranks) > 1]
+    # hvd.init() sets their ids; the backend finds them here by their ranks.
+    _KNOWN_SETS.update((tuple(ps.ranks), ps) for ps in sets)
+    return sets
+
+
+#: ranks -> the ProcessSet object Horovod registered for them (Horovod keeps
+#: no public table of its sets, and refuses to add one twice).
+_KNOWN_SETS = {}
+
+
+class _SingleRank:
+    """A process set of one rank (G = 1 groups, or one group per position):
+    Horovod needs no set for it and the collectives are the identity."""
+
+    process_set_id = "single"
+
+    def __init__(self, ranks):
+        self.ranks = list(ranks)
+
+
+class _HorovodSubgroupOps:
+    """Hybrid sharding's group collectives on two Horovod process sets. Names
+    carry the set, so equal names in different sets never meet."""
+
+    def __init__(self, collectives, within, across, group_size):
+        self._collectives = collectives
+        self._hvd = collectives._hvd
+        self._within = within
+        self._across = across
+        self._group_size = group_size
+
+    def _name(self, name, process_set):
+        return None if name is None else f"{self._collectives._op_name(name)}.set{process_set.process_set_id}"
+
+    def _sum(self, values, name, process_set):
+        if len(process_set.ranks) == 1:
+            return values
+        return self._hvd.allreduce(values, op=self._hvd.Sum, name=self._name(name, process_set),
+                                   process_set=process_set)
+
+    def reduce_scatter_within(self, flat, name):
+        size = self._group_size
+        if size == 1:
+            return flat
+        received = self._hvd.alltoall(flat, name=self._name(name, self._within), process_set=self._within)
+        return tf.reduce_sum(tf.reshape(received, [size, -1]), axis=0)
+
+    def all_reduce_within(self, values, name):
+        return self._sum(values, name, self._within)
+
+    def all_reduce_across(self, values, name):
+        return self._sum(values, name, self._across)
+
+    def all_gather_within(self, shard, name):
+        if self._group_size == 1:
+            return shard
+        return self._hvd.allgather(shard, name=self._name(name, self._within), process_set=self._within)

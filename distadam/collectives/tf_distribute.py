@@ -128,6 +128,19 @@ class DistributeCollectives(Collectives):
             self._direct = None
             return None
 
+    def subgroup_ops(self, group_size):
+        """Direct subgroup collectives (see :mod:`distadam.collectives.hybrid`)
+        when the direct path is available, else None (emulated)."""
+        if self._direct is None or group_size == self.num_workers:
+            return None
+        try:
+            indices = _tf_internals.local_replica_ids(self._strategy)
+            within, across = _tf_internals.subgroup_launchers(self._direct, indices, group_size, self.num_workers)
+        except _tf_internals.InternalsUnavailable as error:
+            warnings.warn(f"distadam: subgroup collectives unavailable ({error}); emulating them over all workers")
+            return None
+        return _DirectSubgroupOps(self, within, across, group_size)
+
     def assign_replicated(self, variables, values):
         # Mirrored variables can only be written from cross-replica context;
         # each replica already holds the full gathered value, so every device
@@ -217,3 +230,39 @@ class DistributeCollectives(Collectives):
         if components is None:
             return [(value.device, value)]
         return [(c.device, c) for c in components]
+
+
+class _DirectSubgroupOps:
+    """Hybrid sharding's group collectives through launchers of our own
+    (:func:`distadam._tf_internals.subgroup_launchers`): the same kernels as
+    the direct path (all-to-all + local sum, ring all-reduce, all-gather
+    without the shape exchange), each over a group's or a position's workers."""
+
+    def __init__(self, collectives, within, across, group_size):
+        self._collectives = collectives
+        self._within = within
+        self._across = across
+        self._group_size = group_size
+
+    def _call(self, launchers, per_device_fn, value):
+        try:
+            return launchers.call_per_replica(self._collectives._context(), per_device_fn, value)
+        except _tf_internals.InternalsUnavailable as error:
+            # The step being traced cannot switch to the emulation half-way
+            # (other workers may not fail alike): stop with a clear cause.
+            raise RuntimeError(
+                f"distadam: subgroup collectives failed ({error}); set {DIRECT_COLLECTIVES_ENV}=0 to "
+                "use the emulated (public API) path") from error
+
+    def reduce_scatter_within(self, flat, name):
+        size = self._group_size
+        return self._call(self._within, lambda launcher, v: _tf_internals.all_to_all_sum(launcher, v, size), flat)
+
+    def all_reduce_within(self, values, name):
+        return self._call(self._within, _tf_internals.launcher_all_reduce, values)
+
+    def all_reduce_across(self, values, name):
+        return self._call(self._across, _tf_internals.launcher_all_reduce, values)
+
+    def all_gather_within(self, shard, name):
+        return self._call(self._within, _tf_internals.equal_shard_all_gather, shard)

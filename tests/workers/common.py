@@ -91,7 +91,8 @@ class DenseGradientAdam(keras.optimizers.Adam):
 
 # ShardedAdam's own arguments, which keras.optimizers.Adam does not take.
 SHARDING_ARGUMENTS = ("backend", "bucket_elements", "shard_alignment", "skip_nonfinite", "max_consecutive_skips",
-                      "replicate", "row_sparse", "min_shard_elements", "fused_update")
+                      "replicate", "row_sparse", "min_shard_elements", "fused_update",
+                      "shard_group_size")
 
 # The placement a case gets unless it names one: every variable's state
 # sharded. ShardedAdam's default keeps Embedding tables replicated; the cases
@@ -166,3 +167,26 @@ def max_relative_difference(weights, reference):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         worst = max(worst, float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12)))
     return worst
+
+
+def step_launches(optimizer) -> dict:
+    """Collective launches counted while tracing, over the backend and, under
+    hybrid sharding, the shard-group view (which counts its across-group
+    all-reduce itself)."""
+    launches = dict(optimizer.collectives.launches)
+    if optimizer.shard_collectives is not optimizer.collectives:
+        for kind, count in optimizer.shard_collectives.launches.items():
+            launches[kind] += count
+    return launches
+
+
+def group_ops(optimizer):
+    """None without hybrid sharding, else how the group collectives run:
+    "direct" (subgroup collectives), "emulated" (over all workers) or "none"
+    (groups of one)."""
+    view = optimizer.shard_collectives
+    if view is optimizer.collectives:
+        return None
+    if view.num_workers == 1:
+        return "none"
+    return "emulated" if view.emulated else "direct"

@@ -66,7 +66,11 @@ for case in cases:
         # Buckets holding just the Embedding table, whose gradient arrives as rows.
         "sparse_buckets": [b for b, bucket in enumerate(opt.layout.buckets)
                            if [seg.name for seg in bucket.segments] == ["embed/embeddings"]],
-        "launches": dict(opt.collectives.launches),
+        # What the optimizer launched: under hybrid sharding the group view's
+        # calls and the all-worker backend's (the view's emulation, if any, and
+        # replicated/sparse buckets' exchanges).
+        "launches": common.step_launches(opt),
+        "group_ops": common.group_ops(opt),
         "norm_statistics": int(bool(case.get("kwargs", {}).get("clipnorm") or case.get("kwargs", {}).get("global_clipnorm"))),
         "mode": case.get("mode", "custom"),
         "skipped_steps": opt.skipped_steps,

@@ -28,7 +28,16 @@ import distadam  # noqa: E402
 from distadam import horovod_keras  # noqa: E402
 from distadam.collectives.horovod import HorovodCollectives  # noqa: E402
 
-hvd.init()
+# Hybrid sharding needs process sets: added by the optimizer when Horovod
+# runs with HOROVOD_DYNAMIC_PROCESS_SETS=1, or declared at init as here when
+# the test asks for it (DISTADAM_TEST_DECLARE_GROUPS=G).
+declared = os.environ.get("DISTADAM_TEST_DECLARE_GROUPS")
+if declared:
+    from distadam.collectives.horovod import hybrid_process_sets
+
+    hvd.init(process_sets=hybrid_process_sets(int(os.environ["HOROVOD_SIZE"]), int(declared)))
+else:
+    hvd.init()
 # Up to 3 ranks share 2 cores: one compute thread each avoids thrashing.
 tf.config.threading.set_intra_op_parallelism_threads(1)
 rank, size = hvd.rank(), hvd.size()
@@ -165,7 +174,8 @@ for index, case in enumerate(cases):
         "reference_state_bytes": ref_state_bytes,
         "state_kinds": len(optimizer.sharded_state.kinds),
         "buckets": len(optimizer.layout.buckets),
-        "launches": dict(optimizer.collectives.launches),
+        "launches": common.step_launches(optimizer),
+        "shard_group_size": optimizer.num_shards,
         **extra,
     }
     assert isinstance(optimizer.collectives, HorovodCollectives)

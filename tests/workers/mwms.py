@@ -43,6 +43,8 @@ common.train_custom_loop(strategy, model, opt, data, steps)
 arrays = {f"w{i}": w for i, w in enumerate(model.get_weights())}
 arrays["iterations"] = np.array(int(opt.iterations.numpy()))
 arrays["state_bytes"] = np.array(sum(opt.state_bytes_per_device().values()))
+arrays["num_shards"] = np.array(opt.num_shards)
+arrays["group_ops"] = np.array(common.group_ops(opt) or "")
 if rank == 0:
     reference_model = common.make_model()
     reference_opt = common.configure(common.DenseGradientAdam(**common.build_kwargs(case, reference=True)), case)

@@ -1,0 +1,178 @@
+"""Hybrid sharding: the state is sharded over groups of G consecutive workers
+and replicated across the N/G groups (``ShardedAdam(shard_group_size=G)``),
+like PyTorch FSDP's ``HYBRID_SHARD`` or DeepSpeed's MiCS applied to ZeRO-1.
+
+Worker ``w`` is in group ``w // G`` and holds shard ``w % G`` (its *position*)
+of every sharded bucket. One step per bucket of ``G * S`` elements:
+
+1. reduce-scatter within the group: the worker receives its position's
+   slice [S] summed over its group's G workers;
+2. all-reduce that slice *across* groups, among the N/G workers holding the
+   same position: now it is the slice of the sum over all N workers, exactly
+   what a plain (G = N) reduce-scatter gives;
+3. the update runs on the shard as usual; norm-clipping statistics are summed
+   within the group only (every group holds the whole, already global
+   gradient once, so each element is counted once);
+4. all-gather the new parameter shard within the group.
+
+On a cluster with G = the devices of one node, steps 1 and 4 stay on the
+node's fast links and only step 2, 1/G of the bucket, crosses the network.
+
+:class:`ShardGroupCollectives` presents this to the optimizer as an ordinary
+:class:`~distadam.collectives.base.Collectives` over G workers, so the
+optimizer's step is the same code for G = N and G < N. Backends provide the
+group collectives through :meth:`Collectives.subgroup_ops`, returning an object
+with the four methods of :class:`SubgroupOps`; a backend that returns None
+gets an emulation over all N workers (correct, more bytes: every collective
+spans all workers).
+"""
+
+from __future__ import annotations
+
+import typing
+
+import numpy as np
+import tensorflow as tf
+
+from distadam.collectives.base import Collectives, slice_own_shard
+
+
+class SubgroupOps(typing.Protocol):
+    """In-step collectives over the two kinds of subgroups of one worker.
+
+    ``within``: the G workers of this worker's group (consecutive indices);
+    ``across``: the N/G workers, one per group, at this worker's position.
+    Order inside a group is by worker index. ``name`` is unique in the step
+    and identical on every worker, as for :class:`Collectives`.
+    """
+
+    def reduce_scatter_within(self, flat: tf.Tensor, name: str | None) -> tf.Tensor: ...
+
+    def all_reduce_within(self, values: tf.Tensor, name: str | None) -> tf.Tensor: ...
+
+    def all_reduce_across(self, values: tf.Tensor, name: str | None) -> tf.Tensor: ...
+
+    def all_gather_within(self, shard: tf.Tensor, name: str | None) -> tf.Tensor: ...
+
+
+def check_group_size(group_size, num_workers: int) -> int:
+    """``group_size`` (None: all workers) checked against ``num_workers``."""
+    if group_size is None:
+        return num_workers
+    if group_size > num_workers or num_workers % group_size:
+        divisors = [d for d in range(1, num_workers + 1) if num_workers % d == 0]
+        raise ValueError(
+            f"shard_group_size={group_size} must divide the number of workers ({num_workers}): "
+            f"groups of consecutive workers hold one copy of the state each. Possible values: {divisors}"
+        )
+    return int(group_size)
+
+
+def shard_group(collectives: Collectives, group_size) -> Collectives:
+    """The collectives the sharded buckets use: ``collectives`` itself when
+    the state is sharded over all workers, else a :class:`ShardGroupCollectives`."""
+    group_size = check_group_size(group_size, collectives.num_workers)
+    if group_size == collectives.num_workers:
+        return collectives
+    return ShardGroupCollectives(collectives, group_size)
+
+
+class ShardGroupCollectives(Collectives):
+    """Collectives over the G shards of hybrid sharding, seen from one worker.
+
+    ``num_workers`` is G and ``worker_index`` the worker's position in its
+    group, so a layout with ``num_shards = G`` maps onto it as onto any
+    backend. ``reduce_scatter_sum`` returns the position's slice of the sum
+    over *all* workers (steps 1 + 2 of the module docstring),
+    ``all_gather`` and ``all_reduce_sum`` span the group. The eager calls
+    serve the state (consolidation): ``all_gather_eagerly`` returns the G
+    shards of one group (group 0; every group holds the same values) and
+    ``all_reduce_eagerly`` sums over all workers, as the agreement checks
+    that use it need.
+    """
+
+    def __init__(self, full: Collectives, group_size: int):
+        super().__init__()
+        self.full = full
+        self.group_size = group_size
+        self.num_groups = full.num_workers // group_size
+        self.name = f"{full.name}[groups of {group_size}]"
+        self.gradient_divisor = full.gradient_divisor
+        # A group of one communicates nothing within; across is all workers.
+        self.ops = full.subgroup_ops(group_size) if group_size > 1 else None
+
+    @property
+    def emulated(self) -> bool:
+        """Whether the group collectives are emulated over all workers (the
+        backend offers no subgroup collectives)."""
+        return self.ops is None
+
+    @property
+    def num_workers(self) -> int:
+        return self.group_size
+
+    def worker_index(self):
+        return tf.math.floormod(self.full.worker_index(), self.group_size)
+
+    def group_index(self):
+        """Inside a step: this worker's group (which copy of the state)."""
+        return tf.math.floordiv(self.full.worker_index(), self.group_size)
+
+    def local_worker_indices(self) -> list:
+        return [w % self.group_size for w in self.full.local_worker_indices()]
+
+    def local_components(self, variable) -> list:
+        return self.full.local_components(variable)
+
+    def state_variable_options(self) -> dict:
+        return self.full.state_variable_options()
+
+    def assign_replicated(self, variables, values) -> None:
+        self.full.assign_replicated(variables, values)
+
+    # ---------------------------------------------------- in-step collectives
+    def _reduce_scatter_sum(self, flat, name):
+        if self.group_size == 1:  # every worker holds the whole state
+            return self.full.all_reduce_sum(flat, name=name)
+        if self.ops is not None:
+            partial = self.ops.reduce_scatter_within(flat, _part(name, "within"))
+            self.launches["all_reduce"] += 1  # the across-group half
+            return self.ops.all_reduce_across(partial, _part(name, "across"))
+        # Emulated: the sum over all workers, then this position's slice.
+        summed = self.full.all_reduce_sum(flat, name=name)
+        return slice_own_shard(summed, self.group_size, self.worker_index())
+
+    def _all_reduce_sum(self, values, name):
+        if self.group_size == 1:
+            return values
+        if self.ops is not None:
+            return self.ops.all_reduce_within(values, name)
+        # Emulated: only group 0 contributes, so the sum is exactly one group's.
+        in_group_0 = tf.cast(tf.equal(self.group_index(), 0), values.dtype)
+        return self.full.all_reduce_sum(values * in_group_0, name=name)
+
+    def _all_gather(self, shard, name):
+        if self.group_size == 1:
+            return shard
+        if self.ops is not None:
+            return self.ops.all_gather_within(shard, name)
+        gathered = self.full.all_gather(shard, name=name)
+        groups = tf.reshape(gathered, [self.num_groups, -1])
+        return tf.gather(groups, self.group_index())
+
+    def _all_gather_rows(self, rows, name):
+        # A sparse gradient's rows come from every worker: all of them.
+        return self.full.all_gather_rows(rows, name=name)
+
+    # ----------------------------------------------------------- eager calls
+    def all_reduce_eagerly(self, values) -> np.ndarray:
+        return self.full.all_reduce_eagerly(values)
+
+    def all_gather_eagerly(self, variables) -> list:
+        gathered = self.full.all_gather_eagerly(variables)
+        # Worker order: group 0's G shards come first.
+        return [np.asarray(g)[: np.asarray(g).shape[0] // self.num_groups] for g in gathered]
+
+
+def _part(name, part):
+    return None if name is None else f"{name}.{part}"
