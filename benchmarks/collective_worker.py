@@ -53,7 +53,7 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--sizes", type=_sizes, default=[1 << k for k in range(10, 23, 2)],
                     help="comma-separated buffer sizes in float32 elements (default 2**10, 2**12, ..., 2**22)")
 parser.add_argument("--kinds", type=_kinds, default=list(KINDS))
-parser.add_argument("--repetitions", type=_bounded(1, 1000), default=9, help="timed calls per (kind, size)")
+parser.add_argument("--repetitions", type=_bounded(1, 1000), default=15, help="timed calls per (kind, size), in rounds")
 parser.add_argument("--warmup", type=_bounded(1, 100), default=2, help="untimed calls first (tracing, buffers)")
 parser.add_argument("--out", required=True)
 ARGS = parser.parse_args()
@@ -66,6 +66,9 @@ from distadam.collectives.tf_distribute import DistributeCollectives  # noqa: E4
 # inter_op_threads=1: ops one at a time, collectives on their own threads, as
 # in the step benchmark (mwms_worker.py), so both measure the same set-up.
 STRATEGY, N, RANK = harness.multiprocess_worker(1)
+# One tf.function per (kind, size) is the point here, not accidental
+# retracing: silence TensorFlow's warning about it.
+tf.get_logger().setLevel("ERROR")
 COLLECTIVES = DistributeCollectives(STRATEGY)
 
 
@@ -92,7 +95,8 @@ def call(kind, tensor):
     return COLLECTIVES.all_gather(tensor, name="bench_all_gather")
 
 
-def measure(kind, size):
+def prepare(kind, size):
+    """A traced, warmed-up, checked call of one collective on one size."""
     elements_in, full = buffers(kind, size)
     value = STRATEGY.experimental_distribute_values_from_function(
         lambda ctx: tf.fill([elements_in], tf.cast(ctx.replica_id_in_sync_group + 1, tf.float32)))
@@ -112,26 +116,33 @@ def measure(kind, size):
     if int(local.shape[0]) != expected_len or first != expected_first(kind):
         raise RuntimeError(f"{kind} of {full}: got {int(local.shape[0])} elements starting {first}, expected "
                            f"{expected_len} starting {expected_first(kind)}")
-    times = []
-    for _ in range(ARGS.repetitions):
-        # A CPU tf.function call returns when its ops have run; each call's
-        # collective also lines the workers up for the next one.
-        started = time.perf_counter()
-        run(value)
-        times.append(time.perf_counter() - started)
     return {"kind": kind, "requested_elements": size, "elements": full, "bytes": 4 * full,
-            "median_s": statistics.median(times), "min_s": min(times), "times_s": times}
+            "run": lambda: run(value)}
 
 
 def main():
     started = time.perf_counter()
+    cells = [prepare(kind, size) for size in ARGS.sizes for kind in ARGS.kinds]
+    times = [[] for _ in cells]
+    # Rounds over every (kind, size), alternating direction, instead of all
+    # repetitions of one cell in a row: a burst of load from other jobs on
+    # the shared machine then lands on many cells a little, not on one cell
+    # entirely, and the median of each cell stays comparable with the rest.
+    for round_index in range(ARGS.repetitions):
+        order = range(len(cells)) if round_index % 2 == 0 else reversed(range(len(cells)))
+        for i in order:
+            # A CPU tf.function call returns when its ops have run; each
+            # call's collective also lines the workers up for the next one.
+            begin = time.perf_counter()
+            cells[i]["run"]()
+            times[i].append(time.perf_counter() - begin)
     rows = []
-    for size in ARGS.sizes:
-        for kind in ARGS.kinds:
-            rows.append(measure(kind, size))
-            if RANK == 0:
-                r = rows[-1]
-                print(f"[collectives N={N}] {kind} {r['elements']}: {1e3 * r['median_s']:.2f} ms", flush=True)
+    for cell, samples in zip(cells, times):
+        row = {k: v for k, v in cell.items() if k != "run"}
+        row.update(median_s=statistics.median(samples), min_s=min(samples), times_s=samples)
+        rows.append(row)
+        if RANK == 0:
+            print(f"[collectives N={N}] {row['kind']} {row['elements']}: {1e3 * row['median_s']:.2f} ms", flush=True)
     result = {"workers": N, "direct_collectives": COLLECTIVES.uses_direct_collectives, "dtype": "float32",
               "repetitions": ARGS.repetitions, "rows": rows, "elapsed_s": time.perf_counter() - started}
     if RANK == 0:

@@ -147,8 +147,8 @@ US = 1e-6
 # benchmarks/results/results.json["collectives"]["model"] (alpha_s,
 # beta_s_per_byte), rounded to 5 digits; tests/test_cost_model.py checks they
 # agree, so a new benchmark run must update them.
-LOCAL_ALPHA = 2.8935e-3
-LOCAL_BETA = 5.107e-9
+LOCAL_ALPHA = 2.8572e-3
+LOCAL_BETA = 4.8643e-9
 
 # Approximate vendor figures (peak link rates, one direction), not
 # measurements; real collectives reach some 70-90 % of them. Latencies are
