@@ -61,6 +61,17 @@ Collectives per step: one reduce-scatter and one all-gather per bucket; the
 non-finite verdict rides in the gathered parameters. Only norm clipping adds
 one small all-reduce (one scalar for ``global_clipnorm``, one per variable for
 ``clipnorm``), left out of the byte counts.
+
+Communication time (``distadam/cost_model.py``): an alpha-beta model of the
+ring collectives on nodes of ``--gpus-per-node`` workers (``--node-type``
+presets, every figure overridable) predicts the time per update of Keras
+Adam's all-reduce, of ShardedAdam over all N workers, and of hybrid sharding
+``ShardedAdam(shard_group_size=G)`` for every G dividing N (reduce-scatter in
+the group, all-reduce of the 1/G shard across the N/G groups, all-gather in
+the group), next to each one's state per worker (the layout with G shards),
+and recommends G: the fastest, or with ``--memory-per-device`` the fastest
+whose model states fit. With ``--params`` the model is cut into buckets of
+``--bucket-elements`` (each bucket pays its latency terms).
 """
 
 from __future__ import annotations
