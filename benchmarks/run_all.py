@@ -202,13 +202,21 @@ MULTIPROCESS_WORKERS = (2, 3)
 COLLECTIVE_WORKERS = (2, 3, 4)
 
 
+def _bounded(low, high):
+    def parse(text):
+        if not text.isascii() or not text.isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high}, got {text[:40]!r}")
+        return int(text)
+    return parse
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="memory and collective counts only, small sizes (what CI runs)")
     parser.add_argument("--out", default=str(RESULTS), help="directory for results.json and plots")
-    parser.add_argument("--repetitions", type=int, default=11, help="interleaved A/B timing repetitions")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per repetition and optimizer")
+    parser.add_argument("--repetitions", type=_bounded(1, 1000), default=11, help="interleaved A/B timing repetitions")
+    parser.add_argument("--steps", type=_bounded(1, 1000), default=5, help="timed steps per repetition and optimizer")
     parser.add_argument("--no-horovod", action="store_true", help="skip the horovodrun column")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--timeout", type=float, default=600, help="hard limit per child process, seconds")

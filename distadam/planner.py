@@ -522,7 +522,12 @@ def render_comm(c: dict) -> str:
         lines.append(f"  ({len(c['sharded']) - len(listed)} more G, each slower and larger than a listed one: "
                      "--json lists all)")
     rec = c["recommended"]
-    lines.append(f"recommended shard_group_size: {rec['group_size'] if rec['group_size'] else 'none'} -- {rec['reason']}")
+    why = rec["reason"]
+    if rec["group_size"]:
+        full = next(o for o in c["sharded"] if o["group_size"] == c["workers"])
+        why += (f" ({_fmt_time(rec['seconds'])} per update against {_fmt_time(full['seconds'])} for G=N and "
+                f"{_fmt_time(k['seconds'])} for Keras Adam's single all-reduce)")
+    lines.append(f"recommended shard_group_size: {rec['group_size'] if rec['group_size'] else 'none'} -- {why}")
     if c["memory_budget"] is not None:
         lines.append(f"  (memory budget {_fmt(c['memory_budget'])} per device for parameters, gradients and "
                      "optimizer state; activations not counted)")
