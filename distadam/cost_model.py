@@ -364,8 +364,8 @@ def recommend(options, memory_budget: float | None = None, tolerance: float = DE
     if not fits:
         least = min(options, key=lambda o: o["total_bytes"])
         return {"group_size": None,
-                "reason": f"no G fits {memory_budget:.4g} bytes per device: the least memory is G={least['group_size']} "
-                          f"with {least['total_bytes']:.4g} bytes of model states (more workers, "
+                "reason": f"no G fits {memory_budget:.4g} bytes per device: the least memory is "
+                          f"G={least['group_size']} with {least['total_bytes']:.4g} bytes of model states (more workers, "
                           f"--master-weights off, or a smaller dtype would help)"}
     fastest = min(o["seconds"] for o in fits)
     near = [o for o in fits if o["seconds"] <= fastest * (1 + tolerance)]
