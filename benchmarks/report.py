@@ -14,6 +14,11 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# This checkout's distadam, not whichever one the environment installed.
+sys.path.insert(0, str(HERE.parent))
+
+from distadam import cost_model  # noqa: E402  (pure Python: no TensorFlow)
+
 DEFAULT_RESULTS = HERE / "results" / "results.json"
 
 
@@ -180,6 +185,89 @@ def multiprocess_markdown(results) -> list:
     return lines
 
 
+# ------------------------------------------------- collective cost model fit
+# The issue's bar for the local predictions.
+COLLECTIVE_BAR = 0.25
+
+
+def collective_model(section) -> dict:
+    """Fit the alpha-beta model (distadam/cost_model.py) to the measured
+    collectives of every process count at once (one alpha, one beta: the
+    local-cpu preset), then predict each measurement back: (n, kind, size,
+    measured, predicted, relative error)."""
+    measured = [(row["kind"], int(n), row["bytes"], row["median_s"], row["requested_elements"])
+                for n, run in section["runs"].items() for row in run["rows"]]
+    alpha, beta = cost_model.fit_alpha_beta([m[:4] for m in measured])
+    rows = []
+    for kind, n, nbytes, seconds, requested in measured:
+        predicted = cost_model.predict(kind, n, nbytes, alpha, beta)
+        rows.append({"workers": n, "kind": kind, "bytes": nbytes, "requested_elements": requested,
+                     "measured_s": seconds, "predicted_s": predicted,
+                     "relative_error": (predicted - seconds) / seconds})
+    rows.sort(key=lambda r: (r["workers"], r["kind"], r["bytes"]))
+    within = [r for r in rows if abs(r["relative_error"]) <= COLLECTIVE_BAR]
+    return {"alpha_s": alpha, "beta_s_per_byte": beta, "bandwidth_bytes_per_s": 1 / beta if beta else None,
+            "rows": rows, "bar": COLLECTIVE_BAR, "within_bar": len(within), "total": len(rows),
+            "max_abs_relative_error": max(abs(r["relative_error"]) for r in rows)}
+
+
+def collective_markdown(results) -> list:
+    section = results.get("collectives")
+    if not section:
+        return []
+    fit = section["model"]
+    kinds = ["all_reduce", "reduce_scatter", "all_gather"]
+    workers = sorted({r["workers"] for r in fit["rows"]})
+    sizes = sorted({r["requested_elements"] for r in fit["rows"]})
+    by_key = {(r["workers"], r["kind"], r["requested_elements"]): r for r in fit["rows"]}
+    bandwidth = f"{fit['bandwidth_bytes_per_s'] / 1e6:.0f} MB/s" if fit["bandwidth_bytes_per_s"] else "unbounded"
+    m = section["machine"]
+    lines = [f"**Collective times: alpha-beta model vs measurement** (`collective_worker.py` under `distadam launch`, "
+             f"one process per worker, ShardedAdam's tf.distribute backend in `strategy.run` in a `tf.function`; "
+             f"median of {_repetitions(section)} calls; float32; measured {m['date_utc']}, commit "
+             f"{m.get('git_commit') or '?'}, load {m.get('loadavg_1min_start')}). Fitted over all rows at once "
+             f"(least squares on relative error, `cost_model.fit_alpha_beta`): "
+             f"**α = {fit['alpha_s'] * 1e3:.3f} ms per step, β = 1/({bandwidth})**, the planner's `local-cpu` preset. "
+             f"{fit['within_bar']} of {fit['total']} predictions are within {fit['bar']:.0%} of the measurement "
+             f"(largest error {fit['max_abs_relative_error']:.0%}).", "",
+             "| processes | collective | " + " | ".join(_elements(s) for s in sizes) + " |",
+             "|---|---|" + "---|" * len(sizes)]
+    for n in workers:
+        for kind in kinds:
+            cells = []
+            for s in sizes:
+                r = by_key.get((n, kind, s))
+                cells.append("-" if r is None else
+                             f"{r['measured_s'] * 1e3:.1f} / {r['predicted_s'] * 1e3:.1f} ({r['relative_error']:+.0%})"
+                             + ("" if abs(r["relative_error"]) <= fit["bar"] else " ✗"))
+            lines.append(f"| {n} | {kind} | " + " | ".join(cells) + " |")
+    lines += ["", "Cells: measured ms / predicted ms (relative error of the prediction); ✗ marks errors over "
+              f"{fit['bar']:.0%}. Columns: the buffer S in float32 elements (rounded up to a multiple of N).", ""]
+    misses = [r for r in fit["rows"] if abs(r["relative_error"]) > fit["bar"]]
+    if misses:
+        # Latency-bound: the model's latency terms exceed its byte terms.
+        def latency_bound(r):
+            return (cost_model.latency_steps(r["kind"], r["workers"]) * fit["alpha_s"]
+                    > cost_model.bytes_factor(r["kind"], r["workers"]) * r["bytes"] * fit["beta_s_per_byte"])
+        lines += [f"Where the model misses the {fit['bar']:.0%} bar: {sum(map(latency_bound, misses))} of the "
+                  f"{len(misses)} misses are latency-bound buffers (the model's α terms exceed its β term); by "
+                  "process count " + ", ".join(f"N={n}: {sum(r['workers'] == n for r in misses)}" for n in workers)
+                  + ". Why: benchmarks/README.md, \"Collective cost model\".", ""]
+    return lines
+
+
+def _repetitions(section):
+    counts = sorted({run.get("repetitions") for run in section["runs"].values()})
+    return "/".join(str(c) for c in counts)
+
+
+def _elements(count):
+    for shift, unit in ((20, "M"), (10, "k")):
+        if count >= 1 << shift and count % (1 << shift) == 0:
+            return f"{count >> shift}{unit}"
+    return str(count)
+
+
 # -------------------------------------------------------------------- tables
 def _mb(nbytes):
     return f"{nbytes / 1e6:.2f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.1f} kB"
@@ -200,6 +288,7 @@ def machine_line(results):
 def markdown(results) -> str:
     lines = [machine_line(results), ""]
     lines += multiprocess_markdown(results)
+    lines += collective_markdown(results)
 
     mem = memory_rows(results)
     if mem:

@@ -95,6 +95,32 @@ def multiprocess(workers, workdir, timeout, extra=()):
     return json.loads(out.read_text())
 
 
+def collectives(workers, workdir, timeout, extra=()):
+    """Times of the collectives ShardedAdam issues, one process per worker
+    (benchmarks/collective_worker.py): what the planner's local-cpu
+    alpha-beta parameters are fitted to."""
+    out = Path(workdir) / f"collectives_{workers}.json"
+    run_child([sys.executable, "-m", "distadam.launch", "--nproc", str(workers), "--timeout", str(int(timeout)),
+               str(HERE / "collective_worker.py"), "--out", str(out), *extra],
+              timeout + 60, f"collectives, {workers} processes")
+    return json.loads(out.read_text())
+
+
+def run_collectives(quick, workdir, timeout):
+    """The collective section: 2-4 processes in full, 2 processes and three
+    small sizes in quick mode (CI), with the fit and predicted-vs-measured
+    table (report.collective_model) stored next to the measurements."""
+    import report
+
+    if quick:
+        runs = {"2": collectives(2, workdir, timeout, ["--sizes", "1024,16384,262144", "--repetitions", "3"])}
+    else:
+        runs = {str(n): collectives(n, workdir, timeout) for n in COLLECTIVE_WORKERS}
+    section = {"runs": runs, "machine": machine()}
+    section["model"] = report.collective_model(section)
+    return section
+
+
 def horovod_available():
     if importlib.util.find_spec("horovod") is None:
         return "not measured: horovod not installed"
@@ -173,6 +199,15 @@ PLAN = {
 }
 TIMED_REPLICAS = (2, 4)
 MULTIPROCESS_WORKERS = (2, 3)
+COLLECTIVE_WORKERS = (2, 3, 4)
+
+
+def _bounded(low, high):
+    def parse(text):
+        if not text.isascii() or not text.isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high}, got {text[:40]!r}")
+        return int(text)
+    return parse
 
 
 def main(argv=None):
@@ -180,12 +215,19 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="memory and collective counts only, small sizes (what CI runs)")
     parser.add_argument("--out", default=str(RESULTS), help="directory for results.json and plots")
-    parser.add_argument("--repetitions", type=int, default=11, help="interleaved A/B timing repetitions")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per repetition and optimizer")
+    parser.add_argument("--repetitions", type=_bounded(1, 1000), default=11, help="interleaved A/B timing repetitions")
+    parser.add_argument("--steps", type=_bounded(1, 1000), default=5, help="timed steps per repetition and optimizer")
     parser.add_argument("--no-horovod", action="store_true", help="skip the horovodrun column")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--timeout", type=float, default=600, help="hard limit per child process, seconds")
+    parser.add_argument("--only-collectives", action="store_true",
+                        help="run only the collective timing and fit (2-4 processes, ~2 min) and replace that "
+                             "section of an existing results.json in --out, keeping the rest")
     args = parser.parse_args(argv)
+    if not 1 <= args.timeout <= 24 * 3600:
+        parser.error("--timeout must be from 1 to 86400 seconds")
+    if args.only_collectives:
+        return only_collectives(args)
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -199,6 +241,8 @@ def main(argv=None):
             futures = {n: pool.submit(mirrored, n, tasks, workdir, args.timeout, extra) for n, tasks in plan.items()}
             for n, future in futures.items():
                 results["mirrored"][str(n)] = future.result()
+
+        results["collectives"] = run_collectives(args.quick, workdir, args.timeout)
 
         if not args.quick:
             timing_args = ["--repetitions", str(args.repetitions), "--steps", str(args.steps)]
@@ -239,6 +283,20 @@ def main(argv=None):
         for plot in report.plots(results, out_dir):
             print(f"[bench] wrote {plot}", file=sys.stderr)
     print(report.markdown(results))
+
+
+def only_collectives(args):
+    path = Path(args.out) / "results.json"
+    if not path.exists():
+        raise SystemExit(f"{path} does not exist: run the whole benchmark first")
+    results = json.loads(path.read_text())
+    with tempfile.TemporaryDirectory(prefix="distadam-bench-") as workdir:
+        results["collectives"] = run_collectives(False, workdir, args.timeout)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"[bench] replaced the collectives section of {path}", file=sys.stderr)
+    import report
+
+    print("\n".join(report.collective_markdown(results)))
 
 
 if __name__ == "__main__":

@@ -61,6 +61,17 @@ Collectives per step: one reduce-scatter and one all-gather per bucket; the
 non-finite verdict rides in the gathered parameters. Only norm clipping adds
 one small all-reduce (one scalar for ``global_clipnorm``, one per variable for
 ``clipnorm``), left out of the byte counts.
+
+Communication time (``distadam/cost_model.py``): an alpha-beta model of the
+ring collectives on nodes of ``--gpus-per-node`` workers (``--node-type``
+presets, every figure overridable) predicts the time per update of Keras
+Adam's all-reduce, of ShardedAdam over all N workers, and of hybrid sharding
+``ShardedAdam(shard_group_size=G)`` for every G dividing N (reduce-scatter in
+the group, all-reduce of the 1/G shard across the N/G groups, all-gather in
+the group), next to each one's state per worker (the layout with G shards),
+and recommends G: the fastest, or with ``--memory-per-device`` the fastest
+whose model states fit. With ``--params`` the model is cut into buckets of
+``--bucket-elements`` (each bucket pays its latency terms).
 """
 
 from __future__ import annotations
@@ -73,6 +84,7 @@ import re
 import zipfile
 from typing import Sequence
 
+from distadam import cost_model
 from distadam.partition import DEFAULT_BUCKET_ELEMENTS, plan_layout
 
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
@@ -376,6 +388,152 @@ def _uninitialized_variables():
     return global_state.get_global_attribute("uninitialized_variables", [], set_to_default=True)
 
 
+# ------------------------------------------------------- communication time
+def bucket_shapes(variables, *, bucket_elements=DEFAULT_BUCKET_ELEMENTS, replicate=("embeddings",),
+                  row_sparse=("embeddings",), min_shard_elements=0, split_first=False) -> list:
+    """The buckets ShardedAdam lays ``variables`` out in, as
+    ``cost_model.BucketShape``s (which buckets exist does not depend on G;
+    their padding does, and the cost model adds it).
+
+    ``split_first``: the first variable stands for a whole model given by
+    ``--params``; it is cut into buckets of ``bucket_elements`` as a model
+    of many variables smaller than the cap would be. (A model whose
+    variables exceed the cap gets fewer, larger buckets, each its own:
+    fewer latency terms; ``--model`` plans the real ones.)"""
+    names = [v.name for v in variables]
+    replicated = [i for i, name in enumerate(names) if any(p in name for p in replicate)]
+    separate = [i for i, name in enumerate(names) if any(p in name for p in row_sparse)]
+    # Two shards: min_shard_elements replicates small buckets only when
+    # there is more than one shard; any count above one decides alike.
+    layout = plan_layout(list(variables), num_shards=2, bucket_elements=bucket_elements,
+                         replicated=replicated, separate=separate, min_shard_elements=min_shard_elements)
+    shapes = []
+    for bucket in layout.buckets:
+        itemsize = _itemsize(bucket.dtype)
+        if split_first and bucket_elements and [s.variable_index for s in bucket.segments] == [0] \
+                and not bucket.replicated:
+            full, rest = divmod(bucket.num_elements, bucket_elements)
+            for count, elements in ((full, bucket_elements), (1 if rest else 0, rest)):
+                if count:
+                    shapes.append(cost_model.BucketShape(count, elements, itemsize,
+                                                         replicated=elements < min_shard_elements))
+            continue
+        shapes.append(cost_model.BucketShape(1, bucket.num_elements, itemsize, replicated=bucket.replicated))
+    return shapes
+
+
+def comm_plan(variables, workers, network, *, base=None, group_size=None, memory_budget=None,
+              tolerance=cost_model.DEFAULT_TOLERANCE, split_first=False, **plan_kwargs) -> dict:
+    """Predicted communication time per optimizer update and model states per
+    worker for Keras Adam and for ShardedAdam with every shard group size G
+    dividing ``workers`` (alpha-beta model, distadam/cost_model.py), and the
+    recommended G. ``memory_budget``: bytes per device for the model states
+    (parameters, gradients, optimizer state)."""
+    cost_model.check_workers(workers, network)
+    if group_size is not None:
+        cost_model.check_group_size(workers, group_size)
+    base = base or plan(variables, workers, **plan_kwargs)
+    shapes = bucket_shapes(variables, bucket_elements=plan_kwargs.get("bucket_elements", DEFAULT_BUCKET_ELEMENTS),
+                           replicate=plan_kwargs.get("replicate", ("embeddings",)),
+                           row_sparse=plan_kwargs.get("row_sparse", ("embeddings",)),
+                           min_shard_elements=plan_kwargs.get("min_shard_elements", 0), split_first=split_first)
+    micro = plan_kwargs.get("accumulation_steps") or 1
+    alignment = plan_kwargs.get("shard_alignment", 1)
+    options = []
+    for g in cost_model.divisors(workers):
+        # The state of the hybrid layout is the layout of G shards: the same
+        # code as the optimizer's, with num_shards=G.
+        hybrid = base if g == workers else plan(variables, g, **plan_kwargs)
+        timing = cost_model.sharded_time(shapes, workers, g, network, shard_alignment=alignment, micro_steps=micro)
+        options.append({"group_size": g, "seconds": timing["seconds"], "phases": timing["phases"],
+                        "collectives": timing["collectives"], "bytes_sent": timing["bytes_sent"],
+                        "links": timing["links"], "state_bytes": hybrid.sharded_state_bytes,
+                        "total_bytes": hybrid.sharded_total,
+                        "fits": None if memory_budget is None else hybrid.sharded_total <= memory_budget})
+    keras = cost_model.keras_adam_time(base.param_bytes, workers, network)
+    keras.update(state_bytes=base.adam_state_bytes, total_bytes=base.adam_total,
+                 fits=None if memory_budget is None else base.adam_total <= memory_budget)
+    nodes = max(1, workers // network.gpus_per_node)
+    return {
+        "network": network.to_dict(), "workers": workers, "nodes": nodes,
+        "buckets": sum(s.count for s in shapes), "bucket_elements": plan_kwargs.get("bucket_elements",
+                                                                                    DEFAULT_BUCKET_ELEMENTS),
+        "keras_adam": keras, "sharded": options, "memory_budget": memory_budget, "tolerance": tolerance,
+        "shard_group_size": group_size,
+        "recommended": cost_model.recommend(options, memory_budget, tolerance),
+    }
+
+
+def _fmt_time(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds * 1e6:.0f} us"
+
+
+# Past this many divisors the text lists only the G worth considering.
+MAX_LISTED = 24
+
+
+def _worth_listing(c) -> list:
+    """Every G when there are few; else those no other G beats on both time
+    and memory, plus G=N and the selected and recommended G."""
+    options = c["sharded"]
+    if len(options) <= MAX_LISTED:
+        return options
+    keep = {c["workers"], c["shard_group_size"], c["recommended"]["group_size"]}
+    for o in options:
+        dominated = any(p["seconds"] <= o["seconds"] and p["total_bytes"] <= o["total_bytes"] and
+                        (p["seconds"], p["total_bytes"]) != (o["seconds"], o["total_bytes"]) for p in options)
+        if not dominated:
+            keep.add(o["group_size"])
+    return [o for o in options if o["group_size"] in keep]
+
+
+def render_comm(c: dict) -> str:
+    net = c["network"]
+    lines = [
+        f"predicted communication time per optimizer update (alpha-beta model, distadam/cost_model.py; "
+        f"nothing overlapped): node type {net['name']}, {c['workers']} workers on {c['nodes']} node(s) of "
+        f"{net['gpus_per_node']}",
+        f"  intra-node {net['intra_bandwidth'] / 1e9:g} GB/s per worker, {net['intra_latency'] * 1e6:g} us per step; "
+        f"inter-node {net['inter_bandwidth'] / 1e9:g} GB/s per node, {net['inter_latency'] * 1e6:g} us per step; "
+        f"{c['buckets']:,} bucket(s) of up to {c['bucket_elements'] or 'all'} elements",
+        f"  {'optimizer':<34}{'comm/update':>13}{'collectives':>13}{'state/worker':>14}{'model states':>14}",
+    ]
+    k = c["keras_adam"]
+    lines.append(f"  {'keras Adam (one all-reduce over N)':<34}{_fmt_time(k['seconds']):>13}{k['collectives']:>13,}"
+                 f"{_fmt(k['state_bytes']):>14}{_fmt(k['total_bytes']):>14}")
+    listed = _worth_listing(c)
+    for o in listed:
+        g = o["group_size"]
+        label = f"ShardedAdam G=N={g}" if g == c["workers"] else f"ShardedAdam hybrid G={g}"
+        marks = []
+        if g == c["recommended"]["group_size"]:
+            marks.append("recommended")
+        if g == c["shard_group_size"]:
+            marks.append("--shard-group-size")
+        if o["fits"] is False:
+            marks.append("does not fit")
+        lines.append(f"  {label:<34}{_fmt_time(o['seconds']):>13}{o['collectives']:>13,}{_fmt(o['state_bytes']):>14}"
+                     f"{_fmt(o['total_bytes']):>14}" + (f"   <- {', '.join(marks)}" if marks else ""))
+    if len(listed) < len(c["sharded"]):
+        lines.append(f"  ({len(c['sharded']) - len(listed)} more G, each slower and larger than a listed one: "
+                     "--json lists all)")
+    rec = c["recommended"]
+    why = rec["reason"]
+    if rec["group_size"]:
+        full = next(o for o in c["sharded"] if o["group_size"] == c["workers"])
+        why += (f" ({_fmt_time(rec['seconds'])} per update against {_fmt_time(full['seconds'])} for G=N and "
+                f"{_fmt_time(k['seconds'])} for Keras Adam's single all-reduce)")
+    lines.append(f"recommended shard_group_size: {rec['group_size'] if rec['group_size'] else 'none'} -- {why}")
+    if c["memory_budget"] is not None:
+        lines.append(f"  (memory budget {_fmt(c['memory_budget'])} per device for parameters, gradients and "
+                     "optimizer state; activations not counted)")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------ printing
 def _fmt(nbytes: float) -> str:
     for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
@@ -519,7 +677,54 @@ def add_arguments(parser) -> None:
     parser.add_argument("--table", action="append", default=[], type=_table, metavar="ROWSxDIM",
                         help="add an embedding table (named table<i>/embeddings) to the model, e.g. 1e7x64 "
                              "(repeatable)")
+    network = parser.add_argument_group(
+        "communication time (alpha-beta model, distadam/cost_model.py)",
+        "Predicted time per optimizer update for Keras Adam, ShardedAdam and every hybrid shard group size G; "
+        "a node type's figures can each be overridden.")
+    network.add_argument("--node-type", choices=sorted(cost_model.PRESETS), default="a100-ib",
+                         help="preset network (default a100-ib); "
+                              + "; ".join(f"{k}: {v.description}" for k, v in cost_model.PRESETS.items()))
+    network.add_argument("--gpus-per-node", type=_bounded_int(1, cost_model.MAX_GPUS_PER_NODE), default=None,
+                         metavar="P", help="workers per node (--workers must be a multiple when larger)")
+    network.add_argument("--intra-bandwidth", type=_decimal(1e-6, 1e6), default=None, metavar="GB/s",
+                         help="inside a node, per worker and direction (GB = 1e9 bytes)")
+    network.add_argument("--intra-latency", type=_decimal(0, 1e7), default=None, metavar="US",
+                         help="inside a node, microseconds per ring step")
+    network.add_argument("--inter-bandwidth", type=_decimal(1e-6, 1e6), default=None, metavar="GB/s",
+                         help="between nodes, per node (all its NICs) and direction")
+    network.add_argument("--inter-latency", type=_decimal(0, 1e7), default=None, metavar="US",
+                         help="between nodes, microseconds per ring step")
+    network.add_argument("--shard-group-size", type=_bounded_int(1, MAX_WORKERS), default=None, metavar="G",
+                         help="ShardedAdam(shard_group_size=G): state sharded over G workers, replicated across "
+                              "the N/G groups (G must divide --workers)")
+    network.add_argument("--memory-per-device", type=_decimal(1e-9, 1e9), default=None, metavar="GB",
+                         help="recommend the fastest G whose model states (parameters, gradients, optimizer state) "
+                              "fit in this many GB per device")
+    network.add_argument("--tolerance", type=_decimal(0, 1), default=cost_model.DEFAULT_TOLERANCE, metavar="FRACTION",
+                         help="predicted times within this fraction of the fastest count as equal; the largest such G "
+                              f"is recommended (default {cost_model.DEFAULT_TOLERANCE})")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def _decimal(low: float, high: float):
+    """A plain decimal (ASCII digits, optional fraction and exponent, no sign,
+    no inf/nan) from low to high."""
+    def parse(text: str) -> float:
+        if not _NUMBER.fullmatch(text) or not low <= float(text) <= high:
+            raise argparse.ArgumentTypeError(f"expected a number from {low:g} to {high:g}, got {text[:50]!r}")
+        return float(text)
+
+    return parse
+
+
+def network_from_args(args) -> cost_model.Network:
+    base = cost_model.PRESETS[args.node_type]
+    scale = lambda value, unit: None if value is None else value * unit  # noqa: E731
+    return base.replace(gpus_per_node=args.gpus_per_node,
+                        intra_bandwidth=scale(args.intra_bandwidth, cost_model.GB),
+                        inter_bandwidth=scale(args.inter_bandwidth, cost_model.GB),
+                        intra_latency=scale(args.intra_latency, cost_model.US),
+                        inter_latency=scale(args.inter_latency, cost_model.US))
 
 
 def run(args) -> int:
@@ -531,7 +736,12 @@ def run(args) -> int:
         variables = variables_from_count(args.params, args.dtype)
     dtype = variables[0].dtype
     variables += [VariableSpec(f"table{i}/embeddings", shape, dtype) for i, shape in enumerate(args.table)]
-    result = plan(variables, args.workers, amsgrad=args.amsgrad, ema=args.ema,
+    network = network_from_args(args)
+    # Before any layout is built: a bad G or a partial node fails at once.
+    cost_model.check_workers(args.workers, network)
+    if args.shard_group_size is not None:
+        cost_model.check_group_size(args.workers, args.shard_group_size)
+    kwargs = dict(amsgrad=args.amsgrad, ema=args.ema,
                   accumulation_steps=args.accumulation, master_weights=args.master_weights,
                   bucket_elements=args.bucket_elements, shard_alignment=args.shard_alignment,
                   replicate=[] if args.no_replicate else
@@ -539,5 +749,14 @@ def run(args) -> int:
                   min_shard_elements=args.min_shard_elements,
                   row_sparse=("embeddings",) if args.row_sparse is None else args.row_sparse,
                   rows_per_step=args.rows_per_step)
-    print(json.dumps(result.to_dict(), indent=1) if args.json else render(result))
+    result = plan(variables, args.workers, **kwargs)
+    budget = None if args.memory_per_device is None else args.memory_per_device * cost_model.GB
+    comm = comm_plan(variables, args.workers, network, base=result, group_size=args.shard_group_size,
+                     memory_budget=budget, tolerance=args.tolerance, split_first=args.model is None, **kwargs)
+    if args.json:
+        out = result.to_dict()
+        out["comm_time"] = comm
+        print(json.dumps(out, indent=1))
+    else:
+        print(render(result) + "\n\n" + render_comm(comm))
     return 0

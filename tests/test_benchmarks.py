@@ -75,3 +75,57 @@ def test_committed_results_pass_the_check():
     if not committed.exists():
         pytest.fail(f"{committed} is missing: run `python benchmarks/run_all.py` and commit its results")
     assert not check.check(json.loads(committed.read_text())).failures
+
+
+@pytest.mark.timeout(200)
+def test_quick_benchmark_times_and_fits_the_collectives(quick_results):
+    """The collective section runs end to end (2 processes, three sizes in
+    quick mode): measurements through ShardedAdam's own backend, the fit and
+    the predicted-vs-measured rows. Times are never asserted."""
+    from distadam import cost_model
+
+    results = json.loads(quick_results.read_text())
+    section = results["collectives"]
+    assert set(section["runs"]) == {"2"}
+    run = section["runs"]["2"]
+    assert run["workers"] == 2 and run["direct_collectives"] is True
+    kinds = ("all_reduce", "reduce_scatter", "all_gather")
+    assert sorted((r["kind"], r["requested_elements"]) for r in run["rows"]) == sorted(
+        (k, s) for k in kinds for s in (1024, 16384, 262144))
+    assert all(len(r["times_s"]) == 3 and r["bytes"] == 4 * r["elements"] for r in run["rows"])
+    fit = section["model"]
+    assert fit == report.collective_model(section)
+    assert fit["total"] == 9 and fit["alpha_s"] >= 0 and fit["beta_s_per_byte"] >= 0
+    for row in fit["rows"]:
+        assert row["predicted_s"] == pytest.approx(cost_model.predict(
+            row["kind"], row["workers"], row["bytes"], fit["alpha_s"], fit["beta_s_per_byte"]))
+    assert "alpha-beta model vs measurement" in report.markdown(results)
+
+
+def test_collective_model_reports_every_measurement():
+    """report.collective_model on made-up measurements: exact data give a
+    zero-error fit; one slow row is flagged, the others stay within the bar."""
+    from distadam import cost_model
+
+    alpha, beta = 2e-3, 5e-9
+    runs = {}
+    for n in (2, 3):
+        rows = []
+        for kind in ("all_reduce", "reduce_scatter", "all_gather"):
+            for size in (1024, 1 << 20):
+                full = -(-size // n) * n
+                rows.append({"kind": kind, "requested_elements": size, "elements": full, "bytes": 4 * full,
+                             "median_s": cost_model.predict(kind, n, 4 * full, alpha, beta)})
+        runs[str(n)] = {"workers": n, "rows": rows, "repetitions": 5}
+    section = {"runs": runs, "machine": {"date_utc": "now", "git_commit": "abc", "loadavg_1min_start": 0.1}}
+    fit = report.collective_model(section)
+    assert (fit["alpha_s"], fit["beta_s_per_byte"]) == pytest.approx((alpha, beta), rel=1e-9)
+    assert fit["within_bar"] == fit["total"] == 12 and fit["max_abs_relative_error"] < 1e-9
+    runs["3"]["rows"][0]["median_s"] *= 3  # one collective three times slower than the model
+    fit = report.collective_model(section)
+    assert fit["within_bar"] == 11
+    section["model"] = fit
+    text = "\n".join(report.collective_markdown({"collectives": section}))
+    assert sum("✗" in cell for line in text.splitlines() if line.startswith("| ")
+               for cell in line.split(" | ")) == 1
+    assert "11 of 12 predictions are within 25%" in text

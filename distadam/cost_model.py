@@ -1,0 +1,427 @@
+"""Alpha-beta model of ShardedAdam's communication time per optimizer update,
+for Keras Adam, ShardedAdam over all N workers, and hybrid sharding
+(``ShardedAdam(shard_group_size=G)``). Pure Python: ``distadam plan`` imports
+it without TensorFlow.
+
+One collective
+--------------
+A collective over ``n`` members on a buffer of S bytes (the full buffer: the
+all-reduce's input, the reduce-scatter's input, the all-gather's output) with
+per-step latency α and per-worker bandwidth b (β = 1/b seconds per byte):
+
+==================  ====================  ==========================
+algorithm           latency               bandwidth
+==================  ====================  ==========================
+ring all-reduce     2(n−1)·α              2(n−1)/n · S · β
+ring reduce-scatter (n−1)·α               (n−1)/n · S · β
+ring all-gather     (n−1)·α               (n−1)/n · S · β
+pairwise all-to-all (n−1)·α               (n−1)/n · S · β
+==================  ====================  ==========================
+
+(Thakur, Rabenseifner and Gropp 2005, "Optimization of collective
+communication operations in MPICH"; the byte columns are what
+benchmarks/harness.py's ``ring_bytes_sent`` counts.) ShardedAdam's
+tf.distribute backend reduce-scatters on CPU as an all-to-all plus a local
+sum: the same terms as a ring reduce-scatter.
+
+Two-level topology
+------------------
+Workers sit ``gpus_per_node`` to a node, in rank order (ranks 0..P−1 on node
+0, ...); N must fill whole nodes when it exceeds P. Inside a node a worker
+has its own link (NVLink, PCIe, loopback): ``intra_bandwidth`` per worker and
+direction, ``intra_latency`` per step. Between nodes each node has
+``inter_bandwidth`` in all (the sum of its NICs, one direction) and
+``inter_latency`` per step. A collective whose members all sit on one node
+runs at intra-node rates. A collective whose members span nodes runs at
+inter-node rates: every ring step waits for the slowest hop, which crosses
+nodes, so it pays ``inter_latency`` per step; and its bandwidth is bounded by
+the node's network, **shared evenly by the node's workers**: a collective
+with k members on a node gets k/P of that node's ``inter_bandwidth`` (NCCL
+runs a ring over k GPUs as k channels, one per NIC; on a single shared NIC,
+as on the Ethernet preset, the node's members take turns), capped by the
+intra-node link, and the node with the fewest members bounds it. Why shared:
+in every scheme below, all P workers of a node communicate across nodes at
+the same time (one flat ring uses all of them; hybrid sharding runs P
+concurrent cross-group all-reduces, one per shard index on the node), so no
+collective can have a node's network to itself. Consequences: a flat ring
+over N > P workers moves at min(intra, inter_bandwidth) per worker (all P
+members of each node); the cross-group all-reduce of hybrid sharding with
+G ≥ P has one member per node and moves at inter_bandwidth / P.
+
+One optimizer update
+--------------------
+* Keras Adam under MultiWorkerMirroredStrategy: one packed all-reduce of all
+  gradients over the N workers (measured: one launch per step whatever the
+  variable count, benchmarks/README.md), one set of latency terms.
+* ShardedAdam, per sharded bucket of S elements (padded to a multiple of G as
+  the optimizer pads it), in sequence: reduce-scatter within the group of G
+  consecutive workers; all-reduce of the S/G shard across the N/G groups
+  (the workers holding the same shard index); all-gather of the updated shard
+  within the group. G = N is today's ShardedAdam (no cross-group term); G = 1
+  is one all-reduce per bucket. A replicated bucket (``replicate=``,
+  ``min_shard_elements``) is one all-reduce over N. Every bucket pays its own
+  latency terms: many small buckets cost latency, which is what
+  ``bucket_elements`` trades against overlap with the backward pass.
+* Nothing overlaps: neither buckets with each other nor communication with
+  the backward pass. The prediction is the communication time on the step's
+  critical path when nothing hides it, an upper bound on what it adds to a
+  step. Row-sparse gradients are counted dense; per-collective launch
+  overheads beyond α are not modelled.
+* With gradient accumulation over A micro-steps, ShardedAdam reduces every
+  micro-step (reduce-scatter and cross-group all-reduce) and all-gathers
+  once; Keras' all-reduce is counted once per update, as in the byte counts.
+
+Recommendation: the G with the least predicted time, where times within
+``tolerance`` (default 2 %) of the fastest count as equal and the largest such
+G (least memory) wins: the model does not resolve smaller differences (the
+local calibration's errors are larger). With a per-device memory budget, only
+G whose model states (parameters, gradients, optimizer state) fit are
+candidates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+# Bounds on user-supplied parameters: past every real network, small enough
+# that products stay exact-ish in a float64 and finite.
+MAX_BANDWIDTH = 1e15  # bytes/s (a petabyte per second)
+MIN_BANDWIDTH = 1e3  # bytes/s (a kilobyte per second)
+MAX_LATENCY = 10.0  # seconds per step
+MAX_GPUS_PER_NODE = 1024
+MAX_WORKERS = 10**6
+DEFAULT_TOLERANCE = 0.02
+
+KINDS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all")
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """Two-level topology: SI units (seconds, bytes per second)."""
+
+    gpus_per_node: int
+    intra_latency: float  # s per step, inside a node
+    intra_bandwidth: float  # bytes/s per worker and direction, inside a node
+    inter_latency: float  # s per step, between nodes
+    inter_bandwidth: float  # bytes/s per node and direction (all its NICs)
+    name: str = "custom"
+    description: str = ""
+
+    def __post_init__(self):
+        validate_network(self)
+
+    def replace(self, **changes) -> "Network":
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if changes and "name" not in changes:
+            changes["name"] = f"{self.name} (overridden: {', '.join(sorted(changes))})"
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_number(name, value, low, high, *, low_inclusive=True):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not (value >= low if low_inclusive else value > low) or value > high:
+        bound = "from" if low_inclusive else "above"
+        raise ValueError(f"{name} must be {bound} {low:g} up to {high:g}, got {value!r}")
+
+
+def _check_count(name, value, low, high):
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+
+
+def validate_network(net: Network) -> None:
+    _check_count("gpus_per_node", net.gpus_per_node, 1, MAX_GPUS_PER_NODE)
+    _check_number("intra_latency", net.intra_latency, 0.0, MAX_LATENCY)
+    _check_number("inter_latency", net.inter_latency, 0.0, MAX_LATENCY)
+    _check_number("intra_bandwidth", net.intra_bandwidth, MIN_BANDWIDTH, MAX_BANDWIDTH)
+    _check_number("inter_bandwidth", net.inter_bandwidth, MIN_BANDWIDTH, MAX_BANDWIDTH)
+
+
+GB = 1e9
+US = 1e-6
+# benchmarks/results/results.json["collectives"]["model"] (alpha_s,
+# beta_s_per_byte), rounded to 5 digits; tests/test_cost_model.py checks they
+# agree, so a new benchmark run must update them.
+LOCAL_ALPHA = 2.8572e-3
+LOCAL_BETA = 4.8643e-9
+
+# Approximate vendor figures (peak link rates, one direction), not
+# measurements; real collectives reach some 70-90 % of them. Latencies are
+# typical per-hop figures for the transport (NVLink/PCIe peer copies a few
+# microseconds, InfiniBand RDMA ~5 us with software, kernel TCP tens of us).
+PRESETS = {
+    "a100-ib": Network(
+        8, 2 * US, 300 * GB, 5 * US, 200 * GB, "a100-ib",
+        "8x A100 SXM, NVLink 3 (600 GB/s per GPU both directions: 300 GB/s each way); "
+        "8x 200 Gb/s HDR InfiniBand per node (200 GB/s per node)"),
+    "h100-ib": Network(
+        8, 2 * US, 450 * GB, 5 * US, 400 * GB, "h100-ib",
+        "8x H100 SXM, NVLink 4 (900 GB/s per GPU both directions: 450 GB/s each way); "
+        "8x 400 Gb/s NDR InfiniBand per node (400 GB/s per node)"),
+    "pcie-eth": Network(
+        8, 5 * US, 32 * GB, 30 * US, 12.5 * GB, "pcie-eth",
+        "8 GPUs on PCIe 4.0 x16 (32 GB/s each way); one 100 Gb/s Ethernet link per node (12.5 GB/s, TCP)"),
+    # Fitted by benchmarks/run_all.py (collective_worker.py under
+    # `distadam launch`, 2-4 processes, MultiWorkerMirroredStrategy over
+    # loopback gRPC on a 2-core host): see fit_alpha_beta and
+    # benchmarks/README.md. One host: the inter-node figures equal the
+    # intra-node ones times the workers per node, so a ring "spanning nodes"
+    # moves at the same per-worker rate and nothing changes past 4 workers
+    # (an extrapolation: only 2-4 processes were measured).
+    "local-cpu": Network(
+        4, LOCAL_ALPHA, 1 / LOCAL_BETA, LOCAL_ALPHA, 4 / LOCAL_BETA, "local-cpu",
+        "this machine: processes over loopback gRPC (TensorFlow's CPU collectives), fitted to "
+        "benchmarks/results/results.json"),
+}
+
+
+# ------------------------------------------------------------- collectives
+def latency_steps(kind: str, n: int) -> int:
+    """Latency terms (ring steps) of one collective over ``n`` members."""
+    _check_kind(kind)
+    _check_count("members", n, 1, MAX_WORKERS)
+    return 2 * (n - 1) if kind == "all_reduce" else n - 1
+
+
+def bytes_factor(kind: str, n: int) -> float:
+    """Bytes each member sends, as a multiple of the full buffer S."""
+    _check_kind(kind)
+    _check_count("members", n, 1, MAX_WORKERS)
+    return (2.0 if kind == "all_reduce" else 1.0) * (n - 1) / n
+
+
+def _check_kind(kind):
+    if kind not in KINDS:
+        raise ValueError(f"unknown collective {kind!r}; expected one of {', '.join(KINDS)}")
+
+
+def collective_time(kind: str, n: int, nbytes: float, latency: float, bandwidth: float) -> float:
+    """Seconds for one collective over ``n`` members on a buffer of ``nbytes``."""
+    _check_number("nbytes", nbytes, 0.0, 1e18)
+    _check_number("latency", latency, 0.0, MAX_LATENCY)
+    _check_number("bandwidth", bandwidth, MIN_BANDWIDTH, MAX_BANDWIDTH)
+    return latency_steps(kind, n) * latency + bytes_factor(kind, n) * nbytes / bandwidth
+
+
+# --------------------------------------------------------------- placement
+def check_workers(workers: int, net: Network) -> None:
+    _check_count("workers", workers, 1, MAX_WORKERS)
+    p = net.gpus_per_node
+    if workers > p and workers % p:
+        raise ValueError(f"{workers} workers do not fill whole nodes of {p} GPUs: use a multiple of "
+                         f"{p} (or set the GPUs per node)")
+
+
+def check_group_size(workers: int, group_size: int) -> None:
+    _check_count("shard group size G", group_size, 1, MAX_WORKERS)
+    if workers % group_size:
+        raise ValueError(f"shard group size G={group_size} must divide the {workers} workers "
+                         f"(divisors: {_divisor_hint(workers)})")
+
+
+def _divisor_hint(n):
+    found = divisors(n)
+    return ", ".join(map(str, found)) if len(found) <= 16 else \
+        ", ".join(map(str, found[:8])) + ", ..., " + ", ".join(map(str, found[-4:]))
+
+
+def divisors(n: int) -> list:
+    """Divisors of ``n`` in increasing order (trial division to sqrt(n))."""
+    _check_count("n", n, 1, MAX_WORKERS)
+    small, large = [], []
+    for d in range(1, math.isqrt(n) + 1):
+        if n % d == 0:
+            small.append(d)
+            if d != n // d:
+                large.append(n // d)
+    return small + large[::-1]
+
+
+def _link(net: Network, spans_nodes: bool, members_per_node: int) -> tuple:
+    """(latency, per-worker bandwidth) of a collective (see module doc)."""
+    if not spans_nodes:
+        return net.intra_latency, net.intra_bandwidth
+    share = net.inter_bandwidth * members_per_node / net.gpus_per_node
+    return net.inter_latency, min(net.intra_bandwidth, share)
+
+
+def group_link(workers: int, group_size: int, net: Network) -> tuple:
+    """Link of the collectives inside the groups of ``group_size``
+    consecutive ranks: the worst group decides, since all run at once and
+    the step waits for the last."""
+    p = net.gpus_per_node
+    spans, fewest = False, group_size
+    # Group g starts at g*G; node boundaries repeat every lcm(G, P) ranks,
+    # i.e. every P/gcd(G, P) groups: those cover every distinct case.
+    for g in range(min(workers // group_size, p // math.gcd(group_size, p))):
+        first, last = g * group_size, (g + 1) * group_size - 1
+        if first // p == last // p:
+            continue
+        spans = True
+        head = (first // p + 1) * p - first  # members on the first node
+        tail = last - (last // p) * p + 1  # members on the last node
+        middle = p if last // p - first // p > 1 else group_size
+        fewest = min(fewest, head, tail, middle)
+    return _link(net, spans, fewest)
+
+
+def across_link(workers: int, group_size: int, net: Network) -> tuple:
+    """Link of the all-reduce across groups (ranks j, j+G, j+2G, ...)."""
+    p = net.gpus_per_node
+    if workers <= p:
+        return _link(net, False, workers)
+    # Members are G apart: one per node when G >= P, else P//G or more.
+    return _link(net, True, max(1, p // group_size))
+
+
+# -------------------------------------------------------------- one update
+@dataclasses.dataclass(frozen=True)
+class BucketShape:
+    """``count`` identical buckets of ``elements`` elements of ``itemsize``
+    bytes (their order does not matter: nothing overlaps in the model)."""
+
+    count: int
+    elements: int
+    itemsize: int
+    replicated: bool = False
+
+
+def padded_elements(elements: int, group_size: int, shard_alignment: int = 1) -> int:
+    """A sharded bucket's size once padded to G equal, aligned shards (as
+    distadam.partition.plan_layout pads it)."""
+    shard = max(1, -(-elements // group_size))
+    return -(-shard // shard_alignment) * shard_alignment * group_size
+
+
+def keras_adam_time(param_bytes: float, workers: int, net: Network) -> dict:
+    """One packed all-reduce of every gradient over the N workers."""
+    check_workers(workers, net)
+    latency, bandwidth = group_link(workers, workers, net)
+    seconds = collective_time("all_reduce", workers, param_bytes, latency, bandwidth)
+    return {"seconds": seconds, "phases": {"all_reduce": seconds},
+            "collectives": 1 if workers > 1 else 0,
+            "bytes_sent": bytes_factor("all_reduce", workers) * param_bytes}
+
+
+def sharded_time(buckets, workers: int, group_size: int, net: Network, *, shard_alignment: int = 1,
+                 micro_steps: int = 1) -> dict:
+    """ShardedAdam(shard_group_size=G) per optimizer update (see module doc)."""
+    check_workers(workers, net)
+    check_group_size(workers, group_size)
+    _check_count("micro_steps", micro_steps, 1, 10**6)
+    _check_count("shard_alignment", shard_alignment, 1, 1 << 20)
+    g, m = group_size, workers // group_size
+    inside = group_link(workers, g, net)
+    across = across_link(workers, g, net)
+    everyone = group_link(workers, workers, net)
+    phases = {"reduce_scatter": 0.0, "all_reduce_across": 0.0, "all_gather": 0.0, "all_reduce_replicated": 0.0}
+    sent = collectives = 0
+    for b in buckets:
+        _check_count("bucket count", b.count, 1, 10**12)
+        _check_count("bucket elements", b.elements, 1, 10**15)
+        if b.replicated:
+            nbytes = b.elements * b.itemsize
+            phases["all_reduce_replicated"] += b.count * micro_steps * collective_time(
+                "all_reduce", workers, nbytes, *everyone)
+            sent += b.count * micro_steps * bytes_factor("all_reduce", workers) * nbytes
+            collectives += b.count * micro_steps * (workers > 1)
+            continue
+        nbytes = padded_elements(b.elements, g, shard_alignment) * b.itemsize
+        rs = collective_time("reduce_scatter", g, nbytes, *inside)
+        ar = collective_time("all_reduce", m, nbytes / g, *across)
+        ag = collective_time("all_gather", g, nbytes, *inside)
+        phases["reduce_scatter"] += b.count * micro_steps * rs
+        phases["all_reduce_across"] += b.count * micro_steps * ar
+        phases["all_gather"] += b.count * ag
+        sent += b.count * (micro_steps * (bytes_factor("reduce_scatter", g) * nbytes
+                                          + bytes_factor("all_reduce", m) * nbytes / g)
+                           + bytes_factor("all_gather", g) * nbytes)
+        collectives += b.count * (micro_steps * ((g > 1) + (m > 1)) + (g > 1))
+    return {"seconds": sum(phases.values()), "phases": phases, "collectives": collectives, "bytes_sent": sent,
+            "links": {"inside_group": _describe(inside), "across_groups": _describe(across)}}
+
+
+def _describe(link):
+    return {"latency_s": link[0], "bandwidth_bytes_per_s": link[1]}
+
+
+def recommend(options, memory_budget: float | None = None, tolerance: float = DEFAULT_TOLERANCE) -> dict:
+    """Pick G from ``options``: dicts with ``group_size``, ``seconds`` and
+    ``total_bytes`` (model states per worker). Returns the chosen option's
+    G (None if nothing fits) and the reason, in words."""
+    _check_number("tolerance", tolerance, 0.0, 1.0)
+    if memory_budget is not None:
+        _check_number("memory budget", memory_budget, 0.0, 1e18, low_inclusive=False)
+    options = list(options)
+    if not options:
+        raise ValueError("no shard group sizes to choose from")
+    fits = [o for o in options if memory_budget is None or o["total_bytes"] <= memory_budget]
+    if not fits:
+        least = min(options, key=lambda o: o["total_bytes"])
+        return {"group_size": None,
+                "reason": f"no G fits {memory_budget:.4g} bytes per device: the least memory is "
+                          f"G={least['group_size']} with {least['total_bytes']:.4g} bytes of model states (more workers, "
+                          f"--master-weights off, or a smaller dtype would help)"}
+    fastest = min(o["seconds"] for o in fits)
+    near = [o for o in fits if o["seconds"] <= fastest * (1 + tolerance)]
+    best = max(near, key=lambda o: o["group_size"])
+    overall = min(options, key=lambda o: (o["seconds"], -o["group_size"]))
+    parts = [f"G={best['group_size']} is the fastest predicted"]
+    if len(near) > 1:
+        parts.append(f" within {tolerance:.0%} ({len(near)} such G; the largest holds the least state)")
+    if memory_budget is not None:
+        parts.append(f" among the {len(fits)} of {len(options)} G whose model states fit {memory_budget:.4g} bytes")
+        if overall["group_size"] != best["group_size"] and overall["seconds"] < fastest:
+            parts.append(f"; G={overall['group_size']} would be faster ({overall['seconds']:.4g} s) "
+                         "but does not fit")
+    return {"group_size": best["group_size"], "seconds": best["seconds"], "reason": "".join(parts)}
+
+
+# ------------------------------------------------------------ calibration
+def fit_alpha_beta(samples) -> tuple:
+    """Least-squares α (s per step) and β (s per byte) from measured
+    collectives, ``samples`` = (kind, members, full buffer bytes, seconds).
+
+    Each sample predicts t = steps·α + bytes·β (the table above). Sizes span
+    four orders of magnitude, so plain least squares would fit the largest
+    buffers only: residuals are weighted by 1/t, i.e. the fit minimises the
+    sum of squared *relative* errors, which is the quantity reported. Two
+    unknowns: the 2x2 normal equations are solved directly; a negative
+    coefficient (no latency or no bandwidth term visible in the data) is
+    clamped to 0 and the other refitted alone."""
+    rows = []
+    for kind, n, nbytes, seconds in samples:
+        _check_number("measured seconds", seconds, 0.0, 1e6, low_inclusive=False)
+        _check_number("nbytes", nbytes, 0.0, 1e18)
+        if n < 2:
+            continue  # a one-member collective costs nothing: no information
+        rows.append((latency_steps(kind, n) / seconds, bytes_factor(kind, n) * nbytes / seconds))
+    if len(rows) < 2:
+        raise ValueError("need at least two measured collectives with 2 or more members to fit alpha and beta")
+    saa = sum(a * a for a, _ in rows)
+    sbb = sum(b * b for _, b in rows)
+    sab = sum(a * b for a, b in rows)
+    sa = sum(a for a, _ in rows)  # right-hand side: each weighted t/t = 1
+    sb = sum(b for _, b in rows)
+    det = saa * sbb - sab * sab
+    alpha = beta = -1.0
+    if det > 1e-12 * saa * sbb:
+        alpha = (sa * sbb - sb * sab) / det
+        beta = (sb * saa - sa * sab) / det
+    if alpha < 0 or beta < 0 or det <= 1e-12 * saa * sbb:
+        # One term alone: keep whichever single-term fit leaves less error.
+        only_alpha = (sa / saa, 0.0) if saa > 0 else None
+        only_beta = (0.0, sb / sbb) if sbb > 0 else None
+        candidates = [c for c in (only_alpha, only_beta) if c]
+        alpha, beta = min(candidates, key=lambda c: sum((a * c[0] + b * c[1] - 1) ** 2 for a, b in rows))
+    return alpha, beta
+
+
+def predict(kind: str, n: int, nbytes: float, alpha: float, beta: float) -> float:
+    """Predicted seconds of one collective among workers of one host."""
+    return latency_steps(kind, n) * alpha + bytes_factor(kind, n) * nbytes * beta
