@@ -76,6 +76,33 @@ def test_reshard_across_placements(tmp_path):
             assert worst <= 1e-5, (out.name, run, worst)
 
 
+@pytest.mark.timeout(900)
+def test_reshard_across_group_sizes(tmp_path):
+    """Hybrid sharding writes one copy of the state (group 0's shards) and
+    restores onto any worker count and group size: save on 4 workers in
+    groups of 2 and on 3 workers (one group), resume each on 2 workers in
+    groups of 1 and on 4 workers in groups of 2."""
+    def groups(size):
+        return {"CKPT_PLACEMENT": f'{{"shard_group_size": {size}}}'}
+
+    saved = {"groups_of_2": tmp_path / "four_in_groups_of_2", "one_group": tmp_path / "three"}
+    run_all([(["ckpt_run.py", 4, "save", saved["groups_of_2"]], groups(2)),
+             ["ckpt_run.py", 3, "save", saved["one_group"]]])
+    latest = saved["groups_of_2"] / "ckpt-000000000012"
+    assert sorted(p.name for p in latest.glob("shard-*")) == ["shard-00000-of-00002.npz", "shard-00001-of-00002.npz"]
+    sources = f"{saved['groups_of_2']},{saved['one_group']}"
+    outs = {"groups_of_1": tmp_path / "on2.npz", "groups_of_2": tmp_path / "on4.npz"}
+    run_all([(["ckpt_run.py", 2, "resume", sources, outs["groups_of_1"]], groups(1)),
+             (["ckpt_run.py", 4, "resume", sources, outs["groups_of_2"]], groups(2))])
+    for out in outs.values():
+        result = np.load(out)
+        n_weights = sum(1 for k in result.files if k.startswith("full_w"))
+        for run in range(2):
+            assert int(result[f"run{run}_iterations"]) == 30
+            worst = max(relative(result[f"run{run}_w{i}"], result[f"full_w{i}"]) for i in range(n_weights))
+            assert worst <= 1e-5, (out.name, run, worst)
+
+
 @pytest.mark.timeout(400)
 def test_keras_backup_and_restore_resumes_model_fit(tmp_path):
     out = tmp_path / "backup.npz"
