@@ -54,11 +54,27 @@ def test_signature_matches_keras_adam():
         ({"row_sparse": 3}, TypeError, "row_sparse"),
         ({"fused_update": 1}, TypeError, "fused_update"),
         ({"max_consecutive_skips": 0}, ValueError, "max_consecutive_skips"),
+        ({"shard_group_size": 0}, ValueError, "shard_group_size"),
+        ({"shard_group_size": 2.0}, ValueError, "shard_group_size"),
+        ({"shard_group_size": True}, ValueError, "shard_group_size"),
     ],
 )
 def test_bad_hyperparameters_are_rejected_by_name(kwargs, error, mentions):
     with pytest.raises(error, match=mentions):
         ShardedAdam(**kwargs)
+
+
+def test_shard_group_size_must_divide_the_workers():
+    """Known only at build: one worker here, so only groups of 1 fit; the
+    error lists what would."""
+    # Named: an unnamed Dense would shift the automatic names other tests expect.
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="groups_probe")])
+    with pytest.raises(ValueError, match=r"shard_group_size=2 must divide the number of workers \(1\).*\[1\]"):
+        ShardedAdam(shard_group_size=2).build(model.trainable_variables)
+    optimizer = ShardedAdam(shard_group_size=1)
+    optimizer.build(model.trainable_variables)
+    assert optimizer.shard_collectives is optimizer.collectives and optimizer.num_shards == 1
+    assert ShardedAdam.from_config(optimizer.get_config()).shard_group_size == 1
 
 
 def test_keras_rejects_what_we_reject_for_clip_combinations():
