@@ -11,46 +11,57 @@ from distadam.collectives.tf_distribute import direct_collectives_requested
 TOLERANCE = 1e-5
 
 
-@pytest.mark.timeout(400)
-@pytest.mark.parametrize(
-    "case",
-    [
-        # Clips 17 of the 30 updates (a mix, so a gradient-scale bug shows).
+# Clipping thresholds clip some updates and not others (a mix, so a
+# gradient-scale bug shows). Each run's cases train one after another in the
+# same worker processes.
+RUNS = {
+    "two_workers": (2, [
         {"name": "global_clipnorm_schedule", "kwargs": {"global_clipnorm": 0.6},
          "schedule": {"initial_learning_rate": 0.01, "decay_steps": 10, "decay_rate": 0.5, "staircase": True}},
-        # Hybrid sharding over 4 processes: groups of 2 (subgroup collectives
-        # across processes), per-variable norms counted once, EMA.
-        {"name": "four_workers_groups_of_2_clipnorm_ema", "workers": 4,
-         "kwargs": {"shard_group_size": 2, "clipnorm": 0.5, "use_ema": True}},
-    ],
-    ids=lambda c: c["name"],
-)
-def test_workers_match_single_process(tmp_path, case):
-    workers = case.get("workers", 2)
-    shards = case.get("kwargs", {}).get("shard_group_size", workers)
+    ]),
+    # Hybrid sharding over 4 processes: groups of 2 (subgroup collectives
+    # across processes; per-variable norms counted once; EMA) and of 4 (the
+    # default: one group).
+    "four_workers_groups_of_2_and_4": (4, [
+        {"name": "groups_of_2_clipnorm_ema", "kwargs": {"shard_group_size": 2, "clipnorm": 0.5, "use_ema": True}},
+        {"name": "groups_of_4_global_clipnorm_schedule", "kwargs": {"shard_group_size": 4, "global_clipnorm": 0.6},
+         "schedule": {"initial_learning_rate": 0.01, "decay_steps": 10, "decay_rate": 0.5, "staircase": True}},
+    ]),
+}
+
+
+@pytest.mark.timeout(500)
+@pytest.mark.parametrize("run", sorted(RUNS))
+def test_workers_match_single_process(tmp_path, run):
+    workers, cases = RUNS[run]
     ports = ",".join(map(str, free_ports(workers)))
-    outs = [tmp_path / f"rank{r}.npz" for r in range(workers)]
-    procs = [start_worker(["mwms.py", r, ports, json.dumps(case), outs[r]]) for r in range(workers)]
+    procs = [start_worker(["mwms.py", r, ports, json.dumps(cases), tmp_path / f"rank{r}"]) for r in range(workers)]
     try:
         for r, proc in enumerate(procs):
-            log = finish(proc, timeout=300)
+            log = finish(proc, timeout=420)
             assert proc.returncode == 0, f"rank {r} failed:\n{log[-5000:]}"
     finally:
         for proc in procs:
             kill_group(proc)
-    results = [np.load(o) for o in outs]
+    for index, case in enumerate(cases):
+        results = [np.load(tmp_path / f"rank{r}-{index}.npz") for r in range(workers)]
+        check_case(case, workers, results)
+
+
+def check_case(case, workers, results):
+    shards = case["kwargs"].get("shard_group_size", workers)
     n_weights = sum(1 for k in results[0].files if k.startswith("w"))
     for r in range(1, workers):
         for i in range(n_weights):
             np.testing.assert_array_equal(results[r][f"w{i}"], results[0][f"w{i}"])
     for i in range(n_weights):
         ours, ref = results[0][f"w{i}"], results[0][f"ref{i}"]
-        assert np.max(np.abs(ours - ref)) <= TOLERANCE * max(np.max(np.abs(ref)), 1e-12)
+        assert np.max(np.abs(ours - ref)) <= TOLERANCE * max(np.max(np.abs(ref)), 1e-12), (case["name"], i)
     clipped, updates = results[0]["clipped_updates"]
     assert 0 < clipped < updates == 30, "clipping must mix clipped and unclipped updates"
+    kinds = 3 if case["kwargs"].get("use_ema") else 2
     for result in results:
         assert int(result["iterations"]) == 30
-        kinds = 3 if case["kwargs"].get("use_ema") else 2
         assert int(result["state_bytes"]) <= int(results[0]["reference_state_bytes"]) / shards + kinds * 4 * shards
         assert int(result["num_shards"]) == shards
         # Groups smaller than the world use subgroup collectives, unless the
@@ -65,7 +76,7 @@ def test_workers_with_different_trainable_sets_fail_clearly(tmp_path):
     workers = 2
     ports = ",".join(map(str, free_ports(workers)))
     case = {"mismatch": True, "build_eagerly": True, "steps": 3}
-    procs = [start_worker(["mwms.py", r, ports, json.dumps(case), tmp_path / f"r{r}.npz"])
+    procs = [start_worker(["mwms.py", r, ports, json.dumps(case), tmp_path / f"r{r}"])
              for r in range(workers)]
     try:
         logs = [finish(proc, timeout=180) for proc in procs]
