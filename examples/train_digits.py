@@ -40,6 +40,9 @@ def parse_args(argv=None):
                         help="'keras' trains with keras.optimizers.Adam, as a reference")
     parser.add_argument("--backend", choices=("tf.distribute", "horovod"), default="tf.distribute",
                         help="'horovod' for horovodrun/mpirun with Horovod (one replica per process)")
+    parser.add_argument("--shard-group-size", type=int, default=None, metavar="G",
+                        help="hybrid sharding: state sharded within groups of G workers, replicated across "
+                             "groups (must divide the number of workers; default: all workers)")
     parser.add_argument("--stall-timeout", type=float, default=300.0,
                         help="end this worker (exit code 75) when no step completes for this many seconds, "
                              "e.g. because a peer hangs; one watchdog thread (distadam.watchdog). 0: off")
@@ -217,7 +220,8 @@ def main(argv=None):
     with runtime.scope():
         model = build_model(args.hidden, args.seed)
         if args.optimizer == "sharded":
-            optimizer = distadam.ShardedAdam(learning_rate=args.learning_rate)
+            optimizer = distadam.ShardedAdam(learning_rate=args.learning_rate,
+                                             shard_group_size=args.shard_group_size)
         else:
             optimizer = keras.optimizers.Adam(learning_rate=args.learning_rate)
         optimizer.build(model.trainable_variables)

@@ -198,9 +198,13 @@ class DistributeCollectives(Collectives):
             # Traced once per variable set (the optimizer's state kinds), not
             # once per call: saving a checkpoint must not retrace. Not counted
             # in `launches`, which describes the training step.
+            # tf.identity: a read placed on the replica's device, where the
+            # portable all-gather looks for its destinations (a bare variable
+            # read has none under MultiWorkerMirroredStrategy).
             @tf.function
             def gather():
-                return strategy.run(lambda: [self._all_gather(getattr(v, "value", v), None) for v in variables])
+                return strategy.run(
+                    lambda: [self._all_gather(tf.identity(getattr(v, "value", v)), None) for v in variables])
 
             # The variables stay referenced with the function, so their ids
             # in the key cannot be reused by other objects.
