@@ -104,19 +104,29 @@ class ShardGroupCollectives(Collectives):
     @property
     def emulated(self) -> bool:
         """Whether the group collectives are emulated over all workers (the
-        backend offers no subgroup collectives)."""
-        return self.ops is None
+        backend offers no subgroup collectives; groups of one need none)."""
+        return self.ops is None and self.group_size > 1
 
     @property
     def num_workers(self) -> int:
         return self.group_size
 
     def worker_index(self):
-        return tf.math.floormod(self.full.worker_index(), self.group_size)
+        return self._split_index(tf.math.floormod, lambda index: index % self.group_size)
 
     def group_index(self):
         """Inside a step: this worker's group (which copy of the state)."""
-        return tf.math.floordiv(self.full.worker_index(), self.group_size)
+        return self._split_index(tf.math.floordiv, lambda index: index // self.group_size)
+
+    def _split_index(self, op, static_op):
+        # A constant stays a constant (TensorFlow does not fold floormod at
+        # trace time): the update then copies only the shard's own pieces of
+        # the parameters instead of flattening the whole bucket.
+        index = self.full.worker_index()
+        static = tf.get_static_value(index)
+        if static is not None:
+            return tf.constant(static_op(int(static)), tf.int32)
+        return op(index, self.group_size)
 
     def local_worker_indices(self) -> list:
         return [w % self.group_size for w in self.full.local_worker_indices()]
