@@ -30,6 +30,18 @@ def relative(a, b):
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
 
 
+def assert_resumed_like_uninterrupted(outs, runs=2, tolerance=1e-5):
+    """Every resumed run in each of ``outs`` (ckpt_run.py resume) reached
+    step 30 with the weights of the uninterrupted run."""
+    for out in outs:
+        result = np.load(out)
+        n_weights = sum(1 for k in result.files if k.startswith("full_w"))
+        for run in range(runs):
+            assert int(result[f"run{run}_iterations"]) == 30
+            worst = max(relative(result[f"run{run}_w{i}"], result[f"full_w{i}"]) for i in range(n_weights))
+            assert worst <= tolerance, (out.name, run, worst)
+
+
 @pytest.mark.timeout(900)
 def test_resume_exactly_and_reshard_every_pair(tmp_path):
     dirs = {n: tmp_path / f"saved_with_{n}" for n in WORKER_COUNTS}
@@ -67,13 +79,7 @@ def test_reshard_across_placements(tmp_path):
     outs = {"replicated2": tmp_path / "on2.npz", "sharded4": tmp_path / "on4.npz"}
     run_all([(["ckpt_run.py", 2, "resume", sources, outs["replicated2"]], replicated),
              ["ckpt_run.py", 4, "resume", sources, outs["sharded4"]]])
-    for out in outs.values():
-        result = np.load(out)
-        n_weights = sum(1 for k in result.files if k.startswith("full_w"))
-        for run in range(2):
-            assert int(result[f"run{run}_iterations"]) == 30
-            worst = max(relative(result[f"run{run}_w{i}"], result[f"full_w{i}"]) for i in range(n_weights))
-            assert worst <= 1e-5, (out.name, run, worst)
+    assert_resumed_like_uninterrupted(outs.values())
 
 
 @pytest.mark.timeout(900)
@@ -94,13 +100,7 @@ def test_reshard_across_group_sizes(tmp_path):
     outs = {"groups_of_1": tmp_path / "on2.npz", "groups_of_2": tmp_path / "on4.npz"}
     run_all([(["ckpt_run.py", 2, "resume", sources, outs["groups_of_1"]], groups(1)),
              (["ckpt_run.py", 4, "resume", sources, outs["groups_of_2"]], groups(2))])
-    for out in outs.values():
-        result = np.load(out)
-        n_weights = sum(1 for k in result.files if k.startswith("full_w"))
-        for run in range(2):
-            assert int(result[f"run{run}_iterations"]) == 30
-            worst = max(relative(result[f"run{run}_w{i}"], result[f"full_w{i}"]) for i in range(n_weights))
-            assert worst <= 1e-5, (out.name, run, worst)
+    assert_resumed_like_uninterrupted(outs.values())
 
 
 @pytest.mark.timeout(400)

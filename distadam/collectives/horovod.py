@@ -80,6 +80,7 @@ import numpy as np
 import tensorflow as tf
 
 from distadam.collectives.base import Collectives, slice_own_shard
+from distadam.collectives.hybrid import member_ranks
 
 
 def _import_horovod():
@@ -210,35 +211,36 @@ class HorovodCollectives(Collectives):
         adds them when Horovod runs with ``HOROVOD_DYNAMIC_PROCESS_SETS=1``."""
         if group_size == self._size:
             return None
-        groups = [list(range(start, start + group_size)) for start in range(0, self._size, group_size)]
-        positions = [list(range(p, self._size, group_size)) for p in range(group_size)]
-        # The sets hybrid_process_sets() handed to hvd.init() (which set their
-        # ids) or that an earlier optimizer added, by ranks.
-        registered = {ranks: ps for ranks, ps in _KNOWN_SETS.items() if ps.process_set_id is not None}
-        sets = {}
-        for ranks in groups + positions:  # the same order on every rank
-            key = tuple(ranks)
-            if len(ranks) == 1:
-                sets[key] = _SingleRank(ranks)  # a set of one: nothing to communicate
-            elif len(ranks) == self._size:  # groups of one: across is every rank
-                sets[key] = self._hvd.global_process_set
-            elif key in registered:
-                process_set = registered[key]
-            else:
-                try:
-                    process_set = self._hvd.add_process_set(list(ranks))
-                    _KNOWN_SETS[key] = process_set
-                except Exception as error:  # noqa: BLE001 - Horovod raises several kinds
-                    raise RuntimeError(
-                        f"shard_group_size={group_size} needs Horovod process sets for ranks {list(ranks)}: "
-                        "initialise Horovod with hvd.init(process_sets=distadam.collectives.horovod."
-                        f"hybrid_process_sets(hvd.size(), {group_size})), or run with "
-                        f"HOROVOD_DYNAMIC_PROCESS_SETS=1 ({type(error).__name__}: {error})") from error
-            if key not in sets:
-                sets[key] = process_set
+        groups, positions = member_ranks(self._size, group_size)
+        # Every rank resolves (and, in dynamic mode, adds) every set, in the
+        # same order: adding a process set is itself a collective.
+        sets = {tuple(ranks): self._process_set(ranks, group_size) for ranks in groups + positions}
         within = sets[tuple(groups[self._rank // group_size])]
         across = sets[tuple(positions[self._rank % group_size])]
         return _HorovodSubgroupOps(self, within, across, group_size)
+
+    def _process_set(self, ranks, group_size):
+        """The process set of ``ranks``: declared at init, added by an earlier
+        optimizer, or added now."""
+        if len(ranks) == 1:
+            return _SingleRank(ranks)  # a set of one: nothing to communicate
+        if len(ranks) == self._size:  # groups of one: across is every rank
+            return self._hvd.global_process_set
+        key = tuple(ranks)
+        # hybrid_process_sets() handed these to hvd.init(), which set their ids.
+        known = _KNOWN_SETS.get(key)
+        if known is not None and known.process_set_id is not None:
+            return known
+        try:
+            process_set = self._hvd.add_process_set(list(ranks))
+        except Exception as error:  # noqa: BLE001 - Horovod raises several kinds
+            raise RuntimeError(
+                f"shard_group_size={group_size} needs Horovod process sets for ranks {list(ranks)}: "
+                "initialise Horovod with hvd.init(process_sets=distadam.collectives.horovod."
+                f"hybrid_process_sets(hvd.size(), {group_size})), or run with "
+                f"HOROVOD_DYNAMIC_PROCESS_SETS=1 ({type(error).__name__}: {error})") from error
+        _KNOWN_SETS[key] = process_set
+        return process_set
 
     def _eager_name(self, what):
         # Horovod matches ops across ranks by name, and eager ops have no graph
@@ -273,8 +275,7 @@ def hybrid_process_sets(size: int, group_size: int) -> list:
     hvd = _import_horovod()
     if group_size < 1 or size % group_size or group_size == size:
         raise ValueError(f"group_size must be a divisor of size ({size}) smaller than it, got {group_size}")
-    groups = [list(range(start, start + group_size)) for start in range(0, size, group_size)]
-    positions = [list(range(p, size, group_size)) for p in range(group_size)]
+    groups, positions = member_ranks(size, group_size)
     sets = [hvd.ProcessSet(ranks) for ranks in groups + positions if len(ranks) > 1]
     # hvd.init() sets their ids; the backend finds them here by their ranks.
     _KNOWN_SETS.update((tuple(ps.ranks), ps) for ps in sets)

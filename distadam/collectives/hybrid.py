@@ -68,6 +68,14 @@ def check_group_size(group_size, num_workers: int) -> int:
     return int(group_size)
 
 
+def member_ranks(num_workers: int, group_size: int) -> tuple:
+    """(groups, positions): the workers of each group (consecutive indices)
+    and the workers at each position across groups, as sorted lists."""
+    groups = [list(range(start, start + group_size)) for start in range(0, num_workers, group_size)]
+    positions = [list(range(p, num_workers, group_size)) for p in range(group_size)]
+    return groups, positions
+
+
 def shard_group(collectives: Collectives, group_size) -> Collectives:
     """The collectives the sharded buckets use: ``collectives`` itself when
     the state is sharded over all workers, else a :class:`ShardGroupCollectives`."""
@@ -179,9 +187,9 @@ class ShardGroupCollectives(Collectives):
         return self.full.all_reduce_eagerly(values)
 
     def all_gather_eagerly(self, variables) -> list:
-        gathered = self.full.all_gather_eagerly(variables)
+        gathered = [np.asarray(g) for g in self.full.all_gather_eagerly(variables)]
         # Worker order: group 0's G shards come first.
-        return [np.asarray(g)[: np.asarray(g).shape[0] // self.num_groups] for g in gathered]
+        return [g[: g.shape[0] // self.num_groups] for g in gathered]
 
 
 def _part(name, part):
