@@ -141,6 +141,75 @@ def multiprocess_step(strategy, model, optimizer, global_batch):
     return step
 
 
+def multiprocess_exchange_step(strategy, model, global_batch, exchange):
+    """A step that computes the gradients and runs ``exchange(grads)`` (the
+    collectives of one optimizer, without its math), consuming everything so
+    nothing is pruned. Timed next to the full steps it tells how much of a
+    step is forward/backward + communication alone: the least any optimizer
+    using those collectives can take on this transport."""
+    import tensorflow as tf
+
+    @tf.function
+    def step(x, y):
+        def replica_fn(x, y):
+            with tf.GradientTape() as tape:
+                error = tf.reshape(model(x, training=True) - y, [tf.shape(y)[0], -1])
+                loss = tf.nn.compute_average_loss(tf.reduce_mean(tf.square(error), axis=1),
+                                                  global_batch_size=global_batch)
+            received = exchange(tape.gradient(loss, model.trainable_variables))
+            return loss + tf.add_n([tf.reduce_sum(tf.reshape(r, [-1])[:1]) for r in received]) * 0.0
+
+        return strategy.run(replica_fn, args=(x, y))
+
+    return step
+
+
+def keras_exchange(grads):
+    """What Keras Adam communicates under a strategy
+    (``TFOptimizer._all_reduce_sum_gradients``): one replica-context
+    all-reduce of the gradient list (packed; IndexedSlices are all-gathered)."""
+    import tensorflow as tf
+
+    reduced = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
+    return [tf.convert_to_tensor(g.values if isinstance(g, tf.IndexedSlices) else g) for g in reduced]
+
+
+def sharded_exchange(optimizer):
+    """What a built ShardedAdam communicates in a step, read from its public
+    layout and backends: per bucket the reduce-scatter (or, for a replicated
+    bucket, the all-reduce; for a sparse gradient, the row all-gather) and the
+    all-gather of the new shard, for which the gradient shard stands in. No
+    Adam math, no finite check, no assignment."""
+    import tensorflow as tf
+
+    from distadam import bucket_ops
+
+    everyone, group = optimizer.collectives, optimizer.shard_collectives
+
+    def exchange(grads):
+        received = []
+        for bucket in optimizer.layout.buckets:
+            segment = bucket.segments[0]
+            sparse = grads[segment.variable_index] if len(bucket.segments) == 1 else None
+            if isinstance(sparse, tf.IndexedSlices):
+                rows = everyone.all_gather_rows(bucket_ops.pack_rows(sparse.indices, sparse.values))
+                if not bucket.replicated:
+                    indices, values = bucket_ops.unpack_rows(rows, bucket_ops.row_width(segment))
+                    shard = bucket_ops.shard_from_rows(bucket, segment, indices, values, group.worker_index())
+                    rows = group.all_gather(shard)
+                received.append(rows)
+                continue
+            flat = bucket_ops.flatten(bucket, {seg.variable_index: tf.convert_to_tensor(grads[seg.variable_index])
+                                               for seg in bucket.segments})
+            if bucket.replicated:
+                received.append(everyone.all_reduce_sum(flat))
+            else:
+                received.append(group.all_gather(group.reduce_scatter_sum(flat)))
+        return received
+
+    return exchange
+
+
 def use_logical_cpus(count: int) -> None:
     import tensorflow as tf
 

@@ -27,6 +27,8 @@ parser.add_argument("--steps", type=int, default=5)
 parser.add_argument("--warmup", type=int, default=3)
 parser.add_argument("--inter-op-threads", type=int, default=1,
                     help="TensorFlow inter-op threads (default 1; 0: TensorFlow's default, one per core)")
+parser.add_argument("--no-floors", dest="floors", action="store_false",
+                    help="skip the communication floors (gradients alone; gradients + each optimizer's collectives)")
 parser.add_argument("--out", required=True)
 ARGS = parser.parse_args()
 
@@ -100,12 +102,54 @@ def time_model(name):
             info[label]["launches_per_step"] = dict(optimizer.collectives.launches)
             info[label]["buckets"] = [{"elements": b.num_elements, "placement": "replicated" if b.replicated else "sharded"}
                                       for b in optimizer.layout.buckets]
+    floor_launches = None
+    if ARGS.floors:
+        floor_steps, floor_launches = floor_runners(spec, x, y)
+        runners.update(floor_steps)
     samples = harness.interleaved_timing(runners, ARGS.repetitions, ARGS.steps, ARGS.warmup)
+    floors = {k: samples.pop(k) for k in FLOORS if k in samples}
     result = {"workers": N, "per_worker_batch": spec["batch"], "optimizers": info,
               "times": {k: harness.time_stats(v) for k, v in samples.items()},
               "ratios": {k: harness.ratio_stats(samples[k], samples["adam"]) for k in samples if k != "adam"},
               "samples": samples}
+    if floors:
+        result["floors"] = {
+            "times": {k: harness.time_stats(v) for k, v in floors.items()},
+            # The best ratio ShardedAdam's collectives allow (a free update),
+            # and where Keras Adam's own collectives put it.
+            "ratios": {k: harness.ratio_stats(v, samples["adam"]) for k, v in floors.items()},
+            "samples": floors,
+            # The collectives the floor traced: the same as ShardedAdam's step.
+            "sharded_collectives_launches": floor_launches,
+        }
     return result
+
+
+# Steps timed next to the optimizers, interleaved with them: forward/backward
+# alone, and forward/backward + each optimizer's collectives without its math
+# (harness.multiprocess_exchange_step). What a step costs beyond its
+# communication floor is the optimizer's own work.
+FLOORS = ("grads_only", "keras_collectives", "sharded_collectives")
+
+
+def floor_runners(spec, x, y):
+    runners = {}
+    for label in FLOORS:
+        with STRATEGY.scope():
+            model = spec["make"]()
+            optimizer = distadam.ShardedAdam() if label == "sharded_collectives" else None
+            if optimizer is not None:
+                optimizer.build(model.trainable_variables)
+        if label == "grads_only":
+            step = harness.multiprocess_step(STRATEGY, model, None, spec["batch"] * N)
+        else:
+            exchange = harness.keras_exchange if optimizer is None else harness.sharded_exchange(optimizer)
+            step = harness.multiprocess_exchange_step(STRATEGY, model, spec["batch"] * N, exchange)
+        runners[label] = (lambda s=step: float(STRATEGY.experimental_local_results(s(x, y))[0]))
+        runners[label]()  # trace once, outside the timing
+        if optimizer is not None:
+            launches = dict(optimizer.collectives.launches)
+    return runners, launches
 
 
 def main():
@@ -115,8 +159,10 @@ def main():
         results["models"][name] = time_model(name)
         if RANK == 0:
             ratios = results["models"][name]["ratios"]
+            floors = results["models"][name].get("floors", {}).get("ratios", {})
             print(f"[mwms N={N}] {name}: " + ", ".join(
-                f"{k} {v['median']:.3f} [{v['q25']:.3f}, {v['q75']:.3f}]" for k, v in ratios.items()), flush=True)
+                f"{k} {v['median']:.3f} [{v['q25']:.3f}, {v['q75']:.3f}]" for k, v in {**ratios, **floors}.items()),
+                flush=True)
     results["elapsed_s"] = time.perf_counter() - started
     if RANK == 0:
         with open(ARGS.out, "w") as handle:

@@ -151,8 +151,34 @@ def multiprocess_rows(results):
                     "state_ratio": info["state_bytes"] / adam["state_bytes"],
                     "state_bytes": info["state_bytes"], "adam_state_bytes": adam["state_bytes"],
                     "bytes_sent": info["bytes_sent_per_step"], "adam_bytes_sent": adam["bytes_sent_per_step"],
+                    "launches": info.get("launches_per_step"),
+                    "floors": _floors(entry) if variant == "default" else None,
                 }
     return list(rows.values())
+
+
+def _floors(entry):
+    """The communication floors measured next to a model's steps (see
+    mwms_worker.FLOORS), as ratios to Keras Adam's step and as the time each
+    optimizer spends beyond its own collectives; None if not measured."""
+    floors = entry.get("floors")
+    if not floors:
+        return None
+    times = {k: 1e3 * v["median_s"] for k, v in {**entry["times"], **floors["times"]}.items()}
+    ratios = floors["ratios"]
+    return {
+        "grads_only": ratios["grads_only"]["median"],
+        "keras_collectives": ratios["keras_collectives"]["median"],
+        "sharded_collectives": ratios["sharded_collectives"]["median"],
+        "sharded_collectives_q25": ratios["sharded_collectives"]["q25"],
+        "sharded_collectives_q75": ratios["sharded_collectives"]["q75"],
+        "keras_beyond_ms": times["adam"] - times["keras_collectives"],
+        "sharded_beyond_ms": times["default"] - times["sharded_collectives"],
+        "grads_ms": times["grads_only"],
+        "keras_collectives_ms": times["keras_collectives"] - times["grads_only"],
+        "sharded_collectives_ms": times["sharded_collectives"] - times["grads_only"],
+        "launches": floors.get("sharded_collectives_launches"),
+    }
 
 
 def multiprocess_markdown(results) -> list:
@@ -181,6 +207,20 @@ def multiprocess_markdown(results) -> list:
             lines.append(f"| {r['model']} | {VARIANT_LABELS.get(r['variant'], r['variant'])} | {n} | "
                          f"{_mb(w['state_bytes'])} / {_mb(w['adam_state_bytes'])} = {w['state_ratio']:.3f} | "
                          f"{_mb(w['bytes_sent'])} | {_mb(w['adam_bytes_sent'])} |")
+    floor_rows = [(r, n, w["floors"]) for r in rows for n, w in sorted(r["by_workers"].items()) if w.get("floors")]
+    if floor_rows:
+        lines += ["", "Where the step goes (defaults; steps timed interleaved with the two above: forward/backward "
+                  "alone, and forward/backward + each optimizer's collectives without its math). *ZeRO-1 floor* is "
+                  "ShardedAdam's collectives alone over Keras Adam's whole step: the best ratio any update could reach "
+                  "with these collectives on this transport.", "",
+                  "| model | processes | forward/backward | + Keras' collectives | + ShardedAdam's collectives "
+                  "| ZeRO-1 floor [q25, q75] | Keras: update beyond its collectives | ShardedAdam: beyond its collectives |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r, n, f in floor_rows:
+            lines.append(f"| {r['model']} | {n} | {f['grads_ms']:.1f} ms | +{f['keras_collectives_ms']:.1f} ms "
+                         f"| +{f['sharded_collectives_ms']:.1f} ms | {f['sharded_collectives']:.3f} "
+                         f"[{f['sharded_collectives_q25']:.3f}, {f['sharded_collectives_q75']:.3f}] "
+                         f"| {f['keras_beyond_ms']:.1f} ms | {f['sharded_beyond_ms']:.1f} ms |")
     lines.append("")
     return lines
 

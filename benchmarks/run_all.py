@@ -199,6 +199,7 @@ PLAN = {
 }
 TIMED_REPLICAS = (2, 4)
 MULTIPROCESS_WORKERS = (2, 3)
+QUICK_MULTIPROCESS = ["--models", "dense_compute_bound", "--repetitions", "2", "--steps", "1", "--warmup", "1"]
 COLLECTIVE_WORKERS = (2, 3, 4)
 
 
@@ -223,11 +224,16 @@ def main(argv=None):
     parser.add_argument("--only-collectives", action="store_true",
                         help="run only the collective timing and fit (2-4 processes, ~2 min) and replace that "
                              "section of an existing results.json in --out, keeping the rest")
+    parser.add_argument("--only-multiprocess", action="store_true",
+                        help="run only the one-process-per-worker step timing (2 and 3 processes, ~5 min) and "
+                             "replace that section of an existing results.json in --out, keeping the rest")
     args = parser.parse_args(argv)
     if not 1 <= args.timeout <= 24 * 3600:
         parser.error("--timeout must be from 1 to 86400 seconds")
     if args.only_collectives:
         return only_collectives(args)
+    if args.only_multiprocess:
+        return only_multiprocess(args)
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -244,7 +250,11 @@ def main(argv=None):
 
         results["collectives"] = run_collectives(args.quick, workdir, args.timeout)
 
-        if not args.quick:
+        if args.quick:
+            # The headline's pipeline (both optimizers, the floors, the
+            # report) on one small model: checks it runs, not its numbers.
+            results["multiprocess"] = {"2": multiprocess(2, workdir, args.timeout, QUICK_MULTIPROCESS)}
+        else:
             timing_args = ["--repetitions", str(args.repetitions), "--steps", str(args.steps)]
             results["multiprocess"] = {
                 str(n): multiprocess(n, workdir, args.timeout * 2, timing_args) for n in MULTIPROCESS_WORKERS
@@ -283,6 +293,30 @@ def main(argv=None):
         for plot in report.plots(results, out_dir):
             print(f"[bench] wrote {plot}", file=sys.stderr)
     print(report.markdown(results))
+
+
+def only_multiprocess(args):
+    path = Path(args.out) / "results.json"
+    if not path.exists():
+        raise SystemExit(f"{path} does not exist: run the whole benchmark first")
+    results = json.loads(path.read_text())
+    timing_args = ["--repetitions", str(args.repetitions), "--steps", str(args.steps)]
+    # The section may come from a later commit than the rest: say which.
+    results["multiprocess_machine"] = machine()
+    with tempfile.TemporaryDirectory(prefix="distadam-bench-") as workdir:
+        results["multiprocess"] = {
+            str(n): multiprocess(n, workdir, args.timeout * 2, timing_args) for n in MULTIPROCESS_WORKERS
+        }
+    if hasattr(os, "getloadavg"):
+        results["multiprocess_machine"]["loadavg_1min_end"] = round(os.getloadavg()[0], 2)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"[bench] replaced the multiprocess section of {path}", file=sys.stderr)
+    import report
+
+    if not args.no_plots:
+        for plot in report.plots(results, path.parent):
+            print(f"[bench] wrote {plot}", file=sys.stderr)
+    print("\n".join(report.multiprocess_markdown(results)))
 
 
 def only_collectives(args):

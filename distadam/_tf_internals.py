@@ -43,6 +43,8 @@ import weakref
 
 import tensorflow as tf
 
+from distadam.collectives.base import sum_rows
+
 # Collective group members are ranked by device name; up to 10 members the
 # lexicographic and the replica order agree ("CPU:10" < "CPU:2" beyond that),
 # which the all-to-all's row order and the gather's output order rely on.
@@ -186,7 +188,7 @@ def all_to_all_sum(launcher, flat, num_workers: int):
     with tf.device(launcher._device):
         rows = tf.reshape(flat, [num_workers, -1])
     # Row j came from replica j: its part of this replica's shard.
-    return tf.reduce_sum(all_to_all_rows(launcher, rows), axis=0)
+    return sum_rows(all_to_all_rows(launcher, rows))
 
 
 def all_to_all_rows(launcher, rows):

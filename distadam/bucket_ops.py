@@ -135,9 +135,8 @@ def shard_from_rows(bucket: Bucket, segment, indices, values, worker) -> tf.Tens
     return summed[:size]
 
 
-def split_and_check(bucket: Bucket, flat: tf.Tensor):
-    """The variables' tensors from a flat bucket and, per segment, whether all
-    its elements are finite (padding is never looked at)."""
-    pieces = unflatten(bucket, flat)
-    finite = tf.stack([tf.reduce_all(tf.math.is_finite(tensor)) for _, tensor in pieces])
-    return [tensor for _, tensor in pieces], finite
+def segments_finite(bucket: Bucket, flat: tf.Tensor) -> tf.Tensor:
+    """Per segment of a flat bucket, whether all its elements are finite
+    (padding is never looked at). Reads ``flat`` and writes one bool per
+    segment."""
+    return tf.stack([tf.reduce_all(tf.math.is_finite(tensor)) for _, tensor in unflatten(bucket, flat)])

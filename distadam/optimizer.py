@@ -453,19 +453,21 @@ class ShardedAdam(keras.optimizers.Optimizer):
         accumulator, the state shards (on update steps), the EMA and the
         model variables, or nothing at all if the step is skipped."""
         buckets = self._layout.buckets
-        split = [], []
-        checks = []
+        new_values, finite, checks = [], [], []
         for b, (bucket, proposal) in enumerate(zip(buckets, proposals)):
             flat, check = self._gather_params(b, bucket, proposal.params)
             checks += [check] if check is not None else []
-            key = ("split", b)
-            if key not in self._compiled:
-                self._compiled[key] = shard_update.compiled(
-                    lambda flat, bucket=bucket: bucket_ops.split_and_check(bucket, flat), self.fused_update)
-            tensors, finite = self._compiled[key](flat)
-            split[0].append(tensors)
-            split[1].append(finite)
-        new_values, finite = split
+            # Each variable's new value is a view of the gathered buffer (a
+            # split along the first dimension shares memory where aligned),
+            # handed to the assignment below as it is; splitting inside XLA
+            # wrote every element once more (~1.9 ms for 2.4M float32 here).
+            new_values.append([tensor for _, tensor in bucket_ops.unflatten(bucket, flat)])
+            if self.skip_nonfinite:
+                key = ("finite", b)
+                if key not in self._compiled:
+                    self._compiled[key] = shard_update.compiled(
+                        lambda flat, bucket=bucket: bucket_ops.segments_finite(bucket, flat), self.fused_update)
+                finite.append(self._compiled[key](flat))
 
         # A NaN/Inf gradient element makes the parameter it updates non-finite
         # (Adam propagates it; the update also poisons a parameter whose state

@@ -31,7 +31,7 @@ def _run(args, timeout):
 @pytest.fixture(scope="module")
 def quick_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("bench")
-    code, out = _run([BENCH / "run_all.py", "--quick", "--no-plots", "--out", out_dir, "--timeout", "120"], timeout=170)
+    code, out = _run([BENCH / "run_all.py", "--quick", "--no-plots", "--out", out_dir, "--timeout", "120"], timeout=240)
     assert code == 0, out[-6000:]
     return out_dir / "results.json"
 
@@ -100,6 +100,30 @@ def test_quick_benchmark_times_and_fits_the_collectives(quick_results):
         assert row["predicted_s"] == pytest.approx(cost_model.predict(
             row["kind"], row["workers"], row["bytes"], fit["alpha_s"], fit["beta_s_per_byte"]))
     assert "alpha-beta model vs measurement" in report.markdown(results)
+
+
+@pytest.mark.timeout(300)
+def test_quick_benchmark_runs_the_one_process_per_worker_headline(quick_results):
+    """The headline section end to end on one small model (2 worker
+    processes under the launcher): both optimizers, the communication
+    floors, and the report. The floor of ShardedAdam's collectives must
+    launch exactly the collectives its step launches, or it measures
+    something else; check.py guards that. Times are never asserted."""
+    results = json.loads(quick_results.read_text())
+    entry = results["multiprocess"]["2"]["models"]["dense_compute_bound"]
+    assert set(entry["ratios"]) == {"default", "small_buckets_whole"}
+    assert set(entry["floors"]["ratios"]) == {"grads_only", "keras_collectives", "sharded_collectives"}
+    launches = entry["optimizers"]["default"]["launches_per_step"]
+    assert launches["reduce_scatter"] == launches["all_gather"] == 1
+    assert entry["floors"]["sharded_collectives_launches"] == launches
+    assert "ZeRO-1 floor" in "\n".join(report.multiprocess_markdown(results))
+    lines = check.check(results).lines
+    assert any(line.startswith("ok") and "the floor launches ShardedAdam's collectives" in line for line in lines)
+
+    skewed = copy.deepcopy(results)  # a floor that skips the all-gather
+    skewed["multiprocess"]["2"]["models"]["dense_compute_bound"]["floors"]["sharded_collectives_launches"][
+        "all_gather"] = 0
+    assert any("the floor launches" in f for f in check.check(skewed).failures)
 
 
 def test_collective_model_reports_every_measurement():

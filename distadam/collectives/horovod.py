@@ -79,7 +79,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from distadam.collectives.base import Collectives, slice_own_shard
+from distadam.collectives.base import Collectives, slice_own_shard, sum_rows
 from distadam.collectives.hybrid import member_ranks
 
 
@@ -181,8 +181,7 @@ class HorovodCollectives(Collectives):
         # Sums; the optimizer divides by gradient_divisor ("Gradient semantics").
         if self.reduce_scatter_mode == "alltoall":
             received = self._hvd.alltoall(flat, name=self._op_name(name))
-            rows = tf.reshape(received, [self._size, length // self._size])
-            return tf.reduce_sum(rows, axis=0)
+            return sum_rows(tf.reshape(received, [self._size, length // self._size]))
         if self.reduce_scatter_mode == "reducescatter":
             return self._hvd.reducescatter(flat, op=self._hvd.Sum, name=self._op_name(name))
         reduced = self._hvd.allreduce(flat, op=self._hvd.Sum, name=self._op_name(name))
@@ -322,7 +321,7 @@ class _HorovodSubgroupOps:
         if size == 1:
             return flat
         received = self._hvd.alltoall(flat, name=self._name(name, self._within), process_set=self._within)
-        return tf.reduce_sum(tf.reshape(received, [size, -1]), axis=0)
+        return sum_rows(tf.reshape(received, [size, -1]))
 
     def all_reduce_within(self, values, name):
         return self._sum(values, name, self._within)
