@@ -23,6 +23,9 @@ Hooks ShardedAdam overrides or calls, and why:
   accumulation); the public ``iterations`` divides it.
 * ``_overwrite_model_variables_with_average_value``: what
   ``finalize_variable_values`` calls for EMA.
+* ``Variable._value``: the TensorFlow variable behind a Keras variable, whose
+  resource handle (in replica context: this replica's copy) lets the compiled
+  state update write into the variable in place (:func:`local_handle`).
 """
 
 from __future__ import annotations
@@ -85,3 +88,14 @@ def iterations_variable(optimizer):
 
 
 check_optimizer_hooks()
+
+
+def local_handle(variable):
+    """The resource handle of ``variable``'s copy on this worker (inside
+    replica context, the replica's own copy of a per-replica variable)."""
+    tf_variable = getattr(variable, "_value", variable)
+    handle = getattr(tf_variable, "handle", None)
+    if handle is None:
+        raise TypeError(f"distadam: {getattr(variable, 'path', variable)!r} has no resource handle; "
+                        f"Keras {keras.__version__} is outside the range distadam is tested with")
+    return handle

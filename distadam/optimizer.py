@@ -414,8 +414,8 @@ class ShardedAdam(keras.optimizers.Optimizer):
             accumulating=bool(self.gradient_accumulation_steps),
             guard_nonfinite=self.skip_nonfinite,
         )
-        state = {kind: tf.convert_to_tensor(self._state.variables(kind)[b].value)
-                 for kind in self._state.kinds if kind != "accumulator"}
+        kinds = [kind for kind in self._state.kinds if kind != "accumulator"]
+        state = {kind: tf.convert_to_tensor(self._state.variables(kind)[b].value) for kind in kinds}
         worker = step.shard_index(bucket)
         static_worker = tf.get_static_value(worker)
         static_worker = None if static_worker is None else int(static_worker)
@@ -435,18 +435,29 @@ class ShardedAdam(keras.optimizers.Optimizer):
                 is_update_step=is_update_step, global_clip_scale=global_clip_scale,
                 variable_norm_sums=variable_norm_sums)
 
-        key = ("update", b, rule, static_worker)
-        if key not in self._compiled:
-            self._compiled[key] = shard_update.compiled(update, self.fused_update)
-        new_param, new_state = self._compiled[key](
-            grad, sources, state, step.learning_rate, step.iterations,
-            None if static_worker is not None else worker, step.is_update_step,
-            clip.get("global_clip_scale"), clip.get("variable_norm_sums", {}).get(b),
-        )
-        state_writes = [(self._state.variables(kind)[b], value) for kind, value in new_state.items()
-                        if kind != "average"]
-        average_writes = [(self._state.variables("average")[b], new_state["average"])] if self.use_ema else []
-        return _Proposal(new_param, state_writes, average_writes)
+        inputs = (grad, sources, step.learning_rate, step.iterations,
+                  None if static_worker is not None else worker, step.is_update_step,
+                  clip.get("global_clip_scale"), clip.get("variable_norm_sums", {}).get(b))
+        key = (b, rule, static_worker)
+        if ("params",) + key not in self._compiled:
+            self._compiled[("params",) + key] = shard_update.compiled(
+                lambda grad, sources, state, *rest: update(grad, sources, state, *rest)[0], self.fused_update)
+            self._compiled[("state",) + key] = shard_update.compiled(
+                shard_update.in_place(update), self.fused_update)
+        new_param = self._compiled[("params",) + key](inputs[0], inputs[1], state, *inputs[2:])
+
+        # The state is computed again once the step's verdict is known and
+        # written in place (see shard_update.in_place): storing it now
+        # would take three more passes over the shard and a copy of each
+        # state kind into its variable.
+        handles = {kind: hooks.local_handle(self._state.variables(kind)[b]) for kind in kinds}
+        dtypes = {kind: self._state.variables(kind)[b].dtype for kind in kinds}
+        write_state = self._compiled[("state",) + key]
+
+        def commit(update_state, update_average):
+            write_state(handles, dtypes, update_state, update_average, *inputs)
+
+        return _Proposal(new_param, commit)
 
     def _gather_and_commit(self, step, proposals):
         """All-gather every sharded bucket's new parameters, then write: the
@@ -486,8 +497,8 @@ class ShardedAdam(keras.optimizers.Optimizer):
             _commit_if(step_ok, step.accumulator_writes)
             targets, values = [], []
             for bucket, proposal, tensors in zip(buckets, proposals, new_values):
-                _commit_if(apply_update, proposal.state_writes)
-                _commit_if(step_ok, proposal.average_writes)
+                # m, v (v_hat) on update steps, the EMA on every good step.
+                proposal.commit(apply_update, step_ok)
                 pairs = [(variables[seg.variable_index], tensor)
                          for seg, tensor in zip(bucket.segments, tensors) if step.has_gradient(seg)]
                 if step_ok is not None and pairs:
@@ -823,5 +834,7 @@ class _Proposal(typing.NamedTuple):
     """One bucket's step, computed but not yet written."""
 
     params: tf.Tensor  # this worker's new parameter shard, to all-gather
-    state_writes: list  # (m, v, v_hat variable, new value): on update steps
-    average_writes: list  # (EMA variable, new value): on every good step
+    # commit(update_state, update_average): writes the new state (m, v,
+    # v_hat where update_state holds; the EMA where update_average holds;
+    # None: always).
+    commit: typing.Callable
