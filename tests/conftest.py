@@ -1,4 +1,6 @@
+import functools
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -124,3 +126,42 @@ def run_worker():
     yield run
     for proc in procs:
         kill_group(proc)
+
+
+# ------------------------------------------------------------ pytest-xdist
+# pyproject.toml runs the suite on two xdist workers. The unit of work handed
+# to a worker: a test class (its tests may share a class-scoped run, e.g. one
+# N of test_equivalence), a whole module if the module defines a module- or
+# session-scoped fixture (its tests share it: run it once), else each test
+# alone (independent: tmp_path, its own ports and processes), so a worker
+# that is free takes the next test. (xdist's loadgroup would say this with
+# marks, but does not group under pytest 9.2: pytest-xdist issue 1386.)
+_SHARED_FIXTURE = re.compile(r"""scope\s*=\s*["'](module|session|package)["']""")
+
+
+@functools.lru_cache(maxsize=None)
+def _module_shares_a_fixture(path):
+    try:
+        return bool(_SHARED_FIXTURE.search((ROOT / path).read_text()))
+    except OSError:
+        return True  # unknown: keep the module together
+
+
+def xdist_unit(nodeid):
+    path, _, rest = nodeid.partition("::")
+    if "::" in rest:
+        return f"{path}::{rest.split('::', 1)[0]}"
+    return path if _module_shares_a_fixture(path) else nodeid
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "load":  # another --dist asked for explicitly
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Units(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return xdist_unit(nodeid)
+
+    return Units(config, log)

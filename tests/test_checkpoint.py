@@ -42,20 +42,37 @@ def assert_resumed_like_uninterrupted(outs, runs=2, tolerance=1e-5):
             assert worst <= tolerance, (out.name, run, worst)
 
 
+# Which saved worker counts each worker count resumes from: itself (exact
+# resume) and one other. Not all 16 ordered pairs: each resume is a fresh
+# model, optimizer and traced step in the resuming process, and a resume
+# reads element ranges of the global flat state whatever the two counts, so
+# what matters is how the old and new shard boundaries overlap. The pairs
+# below take every N = 1..4 as a source twice and as a target twice and cover
+# each overlap: one shard into many (1 -> 4), many into one (4 -> 1), a new
+# shard joined from parts of two old ones and an old one split over two new
+# ones (2 -> 3 and 3 -> 2: the dense bucket's 467 elements are split at 234,
+# at 156/312, padded for every N > 1), fewer and more workers. Placements and
+# hybrid group sizes add 3 -> 2, 3 -> 4, 2 -> 2, 2 -> 4 and 4 -> 2 below.
+RESUME_FROM = {1: (1, 4), 2: (2, 3), 3: (3, 2), 4: (4, 1)}
+
+
 @pytest.mark.timeout(900)
-def test_resume_exactly_and_reshard_every_pair(tmp_path):
+def test_resume_exactly_and_reshard_across_worker_counts(tmp_path):
+    assert sorted(n for sources in RESUME_FROM.values() for n in sources) == sorted(WORKER_COUNTS * 2)
+    assert all(m in RESUME_FROM[m] for m in WORKER_COUNTS)
     dirs = {n: tmp_path / f"saved_with_{n}" for n in WORKER_COUNTS}
     run_all([["ckpt_run.py", n, "save", dirs[n]] for n in WORKER_COUNTS])
     for n in WORKER_COUNTS:  # max_to_keep=2 kept both saves
         assert [p.name for p in sorted(dirs[n].glob("ckpt-*"))] == ["ckpt-000000000010", "ckpt-000000000012"]
-    sources = ",".join(str(dirs[n]) for n in WORKER_COUNTS)
     outs = {m: tmp_path / f"resumed_on_{m}.npz" for m in WORKER_COUNTS}
-    run_all([["ckpt_run.py", m, "resume", sources, outs[m]] for m in WORKER_COUNTS])
+    run_all([["ckpt_run.py", m, "resume", ",".join(str(dirs[n]) for n in RESUME_FROM[m]), outs[m]]
+             for m in WORKER_COUNTS])
 
     for m in WORKER_COUNTS:
         result = np.load(outs[m])
         n_weights = sum(1 for k in result.files if k.startswith("full_w"))
-        for run, n in enumerate(WORKER_COUNTS):
+        assert not any(k.startswith(f"run{len(RESUME_FROM[m])}_") for k in result.files)
+        for run, n in enumerate(RESUME_FROM[m]):
             assert int(result[f"run{run}_iterations"]) == 30
             assert float(result[f"run{run}_lr"]) == float(result["full_lr"])  # schedule step identical
             worst = max(relative(result[f"run{run}_w{i}"], result[f"full_w{i}"]) for i in range(n_weights))

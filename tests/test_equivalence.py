@@ -1,8 +1,10 @@
 """ShardedAdam under MirroredStrategy(N) == Keras Adam on one device, global batch.
 
 Each N runs in its own process (one strategy per process); all cases of one N
-share that process. The reference is ``keras.optimizers.Adam`` on the mean
-gradient of the global batch (densified: see DenseGradientAdam)."""
+share that process, a class-scoped fixture of that N's test class (one
+pytest-xdist unit under --dist loadscope: the N spread over the workers, each
+run once). The reference is ``keras.optimizers.Adam`` on the
+mean gradient of the global batch (densified: see DenseGradientAdam)."""
 
 import json
 
@@ -13,7 +15,12 @@ from distadam.collectives.tf_distribute import direct_collectives_requested
 
 REPLICAS = (1, 2, 3, 4)
 TOLERANCE = 1e-5
-STEPS = 60
+# Enough updates for the state to matter (bias correction fades, EMA
+# overwrites and the staircase schedule fire several times, accumulation makes
+# 10-15 updates) and for every clipping case to mix clipped and unclipped
+# updates (asserted). A case's cost is mostly tracing and XLA compilation,
+# not steps.
+STEPS = 30
 
 CASES = [
     {"name": "defaults"},
@@ -74,8 +81,20 @@ HYBRID_CASES = [
     {"name": "groups_of_1_global_clipnorm", "kwargs": {"shard_group_size": 1, "global_clipnorm": 0.8}},
 ]
 CASES += HYBRID_CASES
+# Custom-loop cases build the optimizer before the first step (as README's
+# "build eagerly" advice; model.fit does that too), which traces the step once
+# instead of twice. These keep the other path, the first build inside the
+# traced step, where the workers' layout check cannot run eagerly and rides on
+# the all-gathers: the plain step, both replicated placements (a replicated
+# bucket is never gathered), and hybrid groups (gathers within a group; none
+# for groups of one).
+LAZY_BUILD = ("defaults", "replicated_embedding_global_clipnorm", "replicated_dense_kernel_amsgrad_ema",
+              "groups_of_2_clipnorm_amsgrad", "groups_of_1_global_clipnorm")
 for case in CASES:
     case["steps"] = STEPS
+    if case.get("mode", "custom") == "custom":
+        case["build"] = "lazy" if case["name"] in LAZY_BUILD else "eager"
+assert all(any(c["name"] == name for c in CASES) for name in LAZY_BUILD)
 
 # One worker owns every element: no exchange, no padding, nothing uneven. It
 # runs the cases whose step takes a different path (model.fit, the norm
@@ -96,9 +115,6 @@ def group_size(case, replicas):
     return case.get("kwargs", {}).get("shard_group_size") or replicas
 
 
-RUNS = [pytest.param(n, case, id=f"{case['name']}-{n}") for n in REPLICAS for case in cases_for(n)]
-
-
 def assert_clipping_mixed(case, row):
     """A clipping case must have clipped some updates and left others alone."""
     clipped, updates = row["clipped_updates"]
@@ -107,109 +123,155 @@ def assert_clipping_mixed(case, row):
         assert 0 < clipped < updates, f"choose a threshold that clips some updates, not all: {row}"
 
 
-@pytest.fixture(scope="module")
-def results():
-    """Run all N concurrently (each is a separate process), collect RESULT lines."""
-    procs = {n: start_worker(["equivalence.py", n, json.dumps(cases_for(n))]) for n in REPLICAS}
-    parsed = {}
+def run_cases(n, cases):
+    """One worker process training ``cases`` on N = n; its RESULT rows by case name."""
+    proc = start_worker(["equivalence.py", n, json.dumps(cases)])
     try:
-        for n, proc in procs.items():
-            out = finish(proc, timeout=600)
-            assert proc.returncode == 0, f"N={n} worker failed:\n{out[-6000:]}"
-            for line in out.splitlines():
-                if line.startswith("RESULT "):
-                    row = json.loads(line[len("RESULT "):])
-                    parsed[(n, row["case"])] = row
+        out = finish(proc, timeout=1200)
     finally:
-        for proc in procs.values():
-            kill_group(proc)
+        kill_group(proc)
+    assert proc.returncode == 0, f"N={n} worker failed:\n{out[-6000:]}"
+    rows = [json.loads(line[len("RESULT "):]) for line in out.splitlines() if line.startswith("RESULT ")]
+    parsed = {row["case"]: row for row in rows}
+    assert sorted(parsed) == sorted(c["name"] for c in cases), out[-3000:]
     return parsed
 
 
-@pytest.mark.timeout(1800)
-@pytest.mark.parametrize("replicas, case", RUNS)
-def test_matches_single_device_adam(results, replicas, case):
-    row = results[(replicas, case["name"])]
-    # The run must actually have trained, or equality would prove nothing.
-    assert row["reference_moved"] > 1e-2
-    # `iterations` counts optimizer updates: micro-steps // accumulation steps.
-    updates = STEPS // (case.get("kwargs", {}).get("gradient_accumulation_steps") or 1)
-    assert row["iterations"] == row["reference_iterations"] == updates
-    assert row["max_rel_diff"] <= TOLERANCE, row
-    # Multi-replica CPU runs take the direct (all-to-all) collectives unless
-    # the portable path is forced (CI runs this suite both ways).
-    assert row["direct_collectives"] is (replicas > 1 and direct_collectives_requested())
-    assert_clipping_mixed(case, row)
-    # The placements and exchanges the case is about actually happened: one
-    # all-gather of rows per sparse bucket replaces its reduce-scatter, and a
-    # replicated bucket is all-reduced and never gathered.
-    placements = row["placements"]
-    assert placements.count("replicated") == case.get("replicated_buckets", 0), placements
-    expected_sparse = 0 if case.get("kwargs", {}).get("row_sparse") == [] else 1
-    assert len(row["sparse_buckets"]) == expected_sparse, row["sparse_buckets"]
-    groups = group_size(case, replicas)
-    assert row["group_ops"] == (None if groups == replicas else "none" if groups == 1
-                                else "direct" if direct_collectives_requested() else "emulated")
-    if replicas > 1:
-        sparse = row["sparse_buckets"]
-        sharded = placements.count("sharded")
-        replicated_sparse = sum(placements[b] == "replicated" for b in sparse)
-        sharded_dense = sharded - (len(sparse) - replicated_sparse)
-        norm = row["norm_statistics"]
-        expected = {"reduce_scatter": sharded_dense,
-                    "all_gather": sharded + len(sparse),
-                    "all_reduce": placements.count("replicated") - replicated_sparse + norm}
-        if row["group_ops"] == "direct":  # each shard is also all-reduced across groups
-            expected["all_reduce"] += sharded_dense
-        elif row["group_ops"] == "emulated":  # the group's collectives, emulated over all workers
-            expected["all_reduce"] += sharded_dense + norm
-            expected["all_gather"] += sharded
-        elif row["group_ops"] == "none":  # groups of one: shards all-reduced, nothing gathered
+def pytest_generate_tests(metafunc):
+    if metafunc.cls is not None and "case" in metafunc.fixturenames:
+        cases = metafunc.cls.cases()
+        metafunc.parametrize("case", cases, ids=[c["name"] for c in cases])
+
+
+class Equivalence:
+    """The tests of one worker process (a subclass per N, two for N = 4)."""
+
+    replicas: int
+    hybrid = None  # N = 4: None all cases, False the others, True the hybrid ones
+
+    @classmethod
+    def cases(cls):
+        return [c for c in cases_for(cls.replicas)
+                if cls.hybrid is None or (c in HYBRID_CASES) == cls.hybrid]
+
+    @pytest.fixture(scope="class")
+    def results(self):
+        """The class's worker run, once (a failure errors every test of the class)."""
+        return run_cases(self.replicas, self.cases())
+
+    @pytest.mark.timeout(1500)
+    def test_matches_single_device_adam(self, results, case):
+        replicas = self.replicas
+        row = results[case["name"]]
+        # The run must actually have trained, or equality would prove nothing.
+        assert row["reference_moved"] > 1e-2
+        # `iterations` counts optimizer updates: micro-steps // accumulation steps.
+        updates = STEPS // (case.get("kwargs", {}).get("gradient_accumulation_steps") or 1)
+        assert row["iterations"] == row["reference_iterations"] == updates
+        assert row["max_rel_diff"] <= TOLERANCE, row
+        # Multi-replica CPU runs take the direct (all-to-all) collectives unless
+        # the portable path is forced (CI runs this suite both ways).
+        assert row["direct_collectives"] is (replicas > 1 and direct_collectives_requested())
+        assert_clipping_mixed(case, row)
+        # The placements and exchanges the case is about actually happened: one
+        # all-gather of rows per sparse bucket replaces its reduce-scatter, and a
+        # replicated bucket is all-reduced and never gathered.
+        placements = row["placements"]
+        assert placements.count("replicated") == case.get("replicated_buckets", 0), placements
+        expected_sparse = 0 if case.get("kwargs", {}).get("row_sparse") == [] else 1
+        assert len(row["sparse_buckets"]) == expected_sparse, row["sparse_buckets"]
+        groups = group_size(case, replicas)
+        assert row["group_ops"] == (None if groups == replicas else "none" if groups == 1
+                                    else "direct" if direct_collectives_requested() else "emulated")
+        if replicas > 1:
+            sparse = row["sparse_buckets"]
+            sharded = placements.count("sharded")
+            replicated_sparse = sum(placements[b] == "replicated" for b in sparse)
+            sharded_dense = sharded - (len(sparse) - replicated_sparse)
+            norm = row["norm_statistics"]
             expected = {"reduce_scatter": sharded_dense,
-                        "all_gather": len(sparse),
-                        "all_reduce": placements.count("replicated") - replicated_sparse + sharded_dense + norm}
-        # Launches are counted while tracing: once per replica and trace.
-        traces = sum(row["launches"].values()) // sum(expected.values())
-        assert traces >= 1 and row["launches"] == {k: v * traces for k, v in expected.items()}, \
-            (row["launches"], expected, placements)
+                        "all_gather": sharded + len(sparse),
+                        "all_reduce": placements.count("replicated") - replicated_sparse + norm}
+            if row["group_ops"] == "direct":  # each shard is also all-reduced across groups
+                expected["all_reduce"] += sharded_dense
+            elif row["group_ops"] == "emulated":  # the group's collectives, emulated over all workers
+                expected["all_reduce"] += sharded_dense + norm
+                expected["all_gather"] += sharded
+            elif row["group_ops"] == "none":  # groups of one: shards all-reduced, nothing gathered
+                expected = {"reduce_scatter": sharded_dense,
+                            "all_gather": len(sparse),
+                            "all_reduce": placements.count("replicated") - replicated_sparse + sharded_dense + norm}
+            # Launches are counted while tracing: once per replica and trace.
+            traces = sum(row["launches"].values()) // sum(expected.values())
+            assert traces >= 1 and row["launches"] == {k: v * traces for k, v in expected.items()}, \
+                (row["launches"], expected, placements)
+
+    @pytest.mark.timeout(1500)
+    def test_state_is_sharded(self, results):
+        """Per-replica state <= Adam's / N + padding, cross-checked against sizes."""
+        replicas = self.replicas
+        for case in self.cases():
+            row = results[case["name"]]
+            per_device = row["state_bytes_per_device"]
+            assert len(per_device) == replicas
+            shards = group_size(case, replicas)
+            total_params = sum(row["param_counts"])
+            kinds = row["reference_state_bytes"] // (4 * total_params)
+            # Adam keeps m, v (+v_hat, +EMA, +accumulators) per parameter, mirrored.
+            assert row["reference_state_bytes"] == kinds * 4 * total_params
+            # Each sharded bucket costs ceil(elements / N) per state kind, a
+            # replicated one all its elements.
+            shard_sizes = {}
+            for entry in row["layout"]:
+                shard_sizes[entry["bucket"]] = entry["elements"][1] - entry["elements"][0] + entry["padding"]
+            replicated = sum({e["bucket"]: shard_sizes[e["bucket"]]
+                              for e in row["layout"] if e["placement"] == "replicated"}.values())
+            buckets = len(shard_sizes)
+            for nbytes in per_device.values():
+                assert nbytes == kinds * 4 * sum(shard_sizes.values()), (case["name"], row["layout"])
+                bound = (row["reference_state_bytes"] - kinds * 4 * replicated) / shards + kinds * 4 * replicated
+                assert nbytes <= bound + kinds * 4 * buckets * (shards - 1), (case["name"], nbytes, bound)
+            # Every element of every variable is owned by exactly one shard.
+            owned = {}
+            for entry in row["layout"]:
+                for piece in entry["variables"]:
+                    owned.setdefault(piece["name"], []).append(tuple(piece["range"]))
+            for name, ranges in owned.items():
+                ranges = sorted(set(ranges))  # a replicated bucket's one shard is listed once
+                assert ranges[0][0] == 0
+                assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), (name, ranges)
+            sizes = sorted(r[-1][1] for r in (sorted(v) for v in owned.values()))
+            assert sizes == sorted(row["param_counts"])
 
 
-@pytest.mark.timeout(1800)
-@pytest.mark.parametrize("replicas", REPLICAS)
-def test_state_is_sharded(results, replicas):
-    """Per-replica state <= Adam's / N + padding, cross-checked against sizes."""
-    for case in cases_for(replicas):
-        row = results[(replicas, case["name"])]
-        per_device = row["state_bytes_per_device"]
-        assert len(per_device) == replicas
-        shards = group_size(case, replicas)
-        total_params = sum(row["param_counts"])
-        kinds = row["reference_state_bytes"] // (4 * total_params)
-        # Adam keeps m, v (+v_hat, +EMA, +accumulators) per parameter, mirrored.
-        assert row["reference_state_bytes"] == kinds * 4 * total_params
-        # Each sharded bucket costs ceil(elements / N) per state kind, a
-        # replicated one all its elements.
-        shard_sizes = {}
-        for entry in row["layout"]:
-            shard_sizes[entry["bucket"]] = entry["elements"][1] - entry["elements"][0] + entry["padding"]
-        replicated = sum({e["bucket"]: shard_sizes[e["bucket"]]
-                          for e in row["layout"] if e["placement"] == "replicated"}.values())
-        buckets = len(shard_sizes)
-        for nbytes in per_device.values():
-            assert nbytes == kinds * 4 * sum(shard_sizes.values()), (case["name"], row["layout"])
-            bound = (row["reference_state_bytes"] - kinds * 4 * replicated) / shards + kinds * 4 * replicated
-            assert nbytes <= bound + kinds * 4 * buckets * (shards - 1), (case["name"], nbytes, bound)
-        # Every element of every variable is owned by exactly one shard.
-        owned = {}
-        for entry in row["layout"]:
-            for piece in entry["variables"]:
-                owned.setdefault(piece["name"], []).append(tuple(piece["range"]))
-        for name, ranges in owned.items():
-            ranges = sorted(set(ranges))  # a replicated bucket's one shard is listed once
-            assert ranges[0][0] == 0
-            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), (name, ranges)
-        sizes = sorted(r[-1][1] for r in (sorted(v) for v in owned.values()))
-        assert sizes == sorted(row["param_counts"])
+class TestOneWorker(Equivalence):
+    replicas = 1
+
+
+# N > 1 takes the collectives DISTADAM_DIRECT_COLLECTIVES switches: CI's second
+# leg (-m collectives) runs these again on the portable path.
+@pytest.mark.collectives
+class TestTwoWorkers(Equivalence):
+    replicas = 2
+
+
+@pytest.mark.collectives
+class TestThreeWorkers(Equivalence):
+    replicas = 3
+
+
+# N = 4 in two processes (two pytest-xdist units): the most cases, the
+# slowest step.
+@pytest.mark.collectives
+class TestFourWorkers(Equivalence):
+    replicas = 4
+    hybrid = False
+
+
+@pytest.mark.collectives
+class TestFourWorkersInGroups(Equivalence):
+    replicas = HYBRID_REPLICAS
+    hybrid = True
 
 
 @pytest.mark.timeout(600)
@@ -233,3 +295,8 @@ def test_portable_collectives_match_too():
     for row in rows:
         assert row["max_rel_diff"] <= TOLERANCE, row
         assert row["direct_collectives"] is False
+# Every N, and every case of each N exactly once.
+assert sorted({cls.replicas for cls in Equivalence.__subclasses__()}) == list(REPLICAS)
+for _n in REPLICAS:
+    assert sorted(c["name"] for cls in Equivalence.__subclasses__() if cls.replicas == _n for c in cls.cases()) \
+        == sorted(c["name"] for c in cases_for(_n))

@@ -100,19 +100,32 @@ def check_equivalence(row, workers):
         assert row["averaged_loss"] == pytest.approx(row["mean_of_raw_losses"], rel=1e-6)
 
 
-@pytest.fixture(scope="module")
-def gloo_results():
-    return {n: equivalence(n, "gloo", CASES, timeout=300) for n in (2, 3)}
+class GlooJob:
+    """Every case in one horovodrun job of ``workers`` ranks; a class per
+    -np: a class is one pytest-xdist unit (tests/conftest.py), so the two
+    jobs may run on different workers, each once."""
+
+    workers: int
+
+    @pytest.fixture(scope="class")
+    def gloo_results(self):
+        return equivalence(self.workers, "gloo", CASES, timeout=480)
+
+    @pytest.mark.timeout(600)
+    @pytest.mark.parametrize("case", [c["name"] for c in CASES])
+    def test_horovodrun_gloo_matches_keras_adam(self, gloo_results, case):
+        row = gloo_results[case]
+        check_equivalence(row, self.workers)
+        # "auto" on CPU: alltoall + local sum, measured fastest under Gloo and MPI.
+        assert row["reduce_scatter"] == MODE_OF_CASE.get(case, "alltoall")
 
 
-@pytest.mark.timeout(660)
-@pytest.mark.parametrize("workers", (2, 3))
-@pytest.mark.parametrize("case", [c["name"] for c in CASES])
-def test_horovodrun_gloo_matches_keras_adam(gloo_results, workers, case):
-    row = gloo_results[workers][case]
-    check_equivalence(row, workers)
-    # "auto" on CPU: alltoall + local sum, measured fastest under Gloo and MPI.
-    assert row["reduce_scatter"] == MODE_OF_CASE.get(case, "alltoall")
+class TestGlooTwoRanks(GlooJob):
+    workers = 2
+
+
+class TestGlooThreeRanks(GlooJob):
+    workers = 3
 
 
 @pytest.mark.timeout(600)

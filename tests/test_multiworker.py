@@ -8,6 +8,10 @@ import pytest
 from conftest import finish, free_ports, kill_group, start_worker
 from distadam.collectives.tf_distribute import direct_collectives_requested
 
+# Every test here runs MultiWorkerMirroredStrategy's collectives, whose path
+# DISTADAM_DIRECT_COLLECTIVES=0 switches: CI's second leg runs them again.
+pytestmark = pytest.mark.collectives
+
 TOLERANCE = 1e-5
 
 

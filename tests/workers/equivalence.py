@@ -32,6 +32,11 @@ for case in cases:
     with strategy.scope():
         model = common.make_model(dense=dense)
         opt = common.configure(distadam.ShardedAdam(**common.build_kwargs(case)), case)
+        if case.get("build") == "eager":
+            # Built before the first step: the layout is checked with one
+            # eager all-reduce and the step is traced once, not twice (a
+            # first build inside the traced step makes TF trace it again).
+            opt.build(model.trainable_variables)
 
     if case.get("mode", "custom") == "fit":
         (tokens, features), targets = data
