@@ -117,9 +117,9 @@ def multiprocess_batch(strategy, spec, rank):
     return strategy.experimental_distribute_values_from_function(lambda ctx: (tf.constant(x), tf.constant(y)))
 
 
-def multiprocess_step(strategy, model, optimizer, global_batch):
-    """One training step (custom loop, loss averaged over the global batch);
-    ``optimizer=None`` computes the gradients and consumes them, nothing else."""
+def _gradient_step(strategy, model, global_batch, finish):
+    """A traced custom-loop step: the loss averaged over the global batch, its
+    gradients, then ``finish(loss, grads)`` (the step's returned value)."""
     import tensorflow as tf
 
     @tf.function
@@ -129,16 +129,26 @@ def multiprocess_step(strategy, model, optimizer, global_batch):
                 error = tf.reshape(model(x, training=True) - y, [tf.shape(y)[0], -1])
                 loss = tf.nn.compute_average_loss(tf.reduce_mean(tf.square(error), axis=1),
                                                   global_batch_size=global_batch)
-            grads = tape.gradient(loss, model.trainable_variables)
-            if optimizer is None:
-                # Consume every gradient so none of the backward pass is pruned.
-                return loss + tf.add_n([tf.reduce_sum(tf.convert_to_tensor(g)) for g in grads]) * 0.0
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            return loss
+            return finish(loss, tape.gradient(loss, model.trainable_variables))
 
         return strategy.run(replica_fn, args=(x, y))
 
     return step
+
+
+def multiprocess_step(strategy, model, optimizer, global_batch):
+    """One training step (custom loop, loss averaged over the global batch);
+    ``optimizer=None`` computes the gradients and consumes them, nothing else."""
+    import tensorflow as tf
+
+    def finish(loss, grads):
+        if optimizer is None:
+            # Consume every gradient so none of the backward pass is pruned.
+            return loss + tf.add_n([tf.reduce_sum(tf.convert_to_tensor(g)) for g in grads]) * 0.0
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    return _gradient_step(strategy, model, global_batch, finish)
 
 
 def multiprocess_exchange_step(strategy, model, global_batch, exchange):
@@ -149,19 +159,11 @@ def multiprocess_exchange_step(strategy, model, global_batch, exchange):
     using those collectives can take on this transport."""
     import tensorflow as tf
 
-    @tf.function
-    def step(x, y):
-        def replica_fn(x, y):
-            with tf.GradientTape() as tape:
-                error = tf.reshape(model(x, training=True) - y, [tf.shape(y)[0], -1])
-                loss = tf.nn.compute_average_loss(tf.reduce_mean(tf.square(error), axis=1),
-                                                  global_batch_size=global_batch)
-            received = exchange(tape.gradient(loss, model.trainable_variables))
-            return loss + tf.add_n([tf.reduce_sum(tf.reshape(r, [-1])[:1]) for r in received]) * 0.0
+    def finish(loss, grads):
+        received = exchange(grads)
+        return loss + tf.add_n([tf.reduce_sum(tf.reshape(r, [-1])[:1]) for r in received]) * 0.0
 
-        return strategy.run(replica_fn, args=(x, y))
-
-    return step
+    return _gradient_step(strategy, model, global_batch, finish)
 
 
 def keras_exchange(grads):

@@ -255,10 +255,8 @@ def main(argv=None):
             # report) on one small model: checks it runs, not its numbers.
             results["multiprocess"] = {"2": multiprocess(2, workdir, args.timeout, QUICK_MULTIPROCESS)}
         else:
+            results["multiprocess"] = run_multiprocess(args, workdir)
             timing_args = ["--repetitions", str(args.repetitions), "--steps", str(args.steps)]
-            results["multiprocess"] = {
-                str(n): multiprocess(n, workdir, args.timeout * 2, timing_args) for n in MULTIPROCESS_WORKERS
-            }
             for n in TIMED_REPLICAS:
                 timed = mirrored(n, ["timing"], workdir, args.timeout, timing_args)
                 results["mirrored"][str(n)]["timing"] = timed["timing"]
@@ -295,39 +293,47 @@ def main(argv=None):
     print(report.markdown(results))
 
 
-def only_multiprocess(args):
+def run_multiprocess(args, workdir):
+    """The headline section: 2 and 3 worker processes (mwms_worker.py)."""
+    timing_args = ["--repetitions", str(args.repetitions), "--steps", str(args.steps)]
+    return {str(n): multiprocess(n, workdir, args.timeout * 2, timing_args) for n in MULTIPROCESS_WORKERS}
+
+
+def replace_sections(args, measure):
+    """Re-measure part of an existing results.json in --out, keeping the rest:
+    ``measure(workdir)`` returns the sections to replace. Returns the results."""
     path = Path(args.out) / "results.json"
     if not path.exists():
         raise SystemExit(f"{path} does not exist: run the whole benchmark first")
     results = json.loads(path.read_text())
-    timing_args = ["--repetitions", str(args.repetitions), "--steps", str(args.steps)]
-    # The section may come from a later commit than the rest: say which.
-    results["multiprocess_machine"] = machine()
     with tempfile.TemporaryDirectory(prefix="distadam-bench-") as workdir:
-        results["multiprocess"] = {
-            str(n): multiprocess(n, workdir, args.timeout * 2, timing_args) for n in MULTIPROCESS_WORKERS
-        }
-    if hasattr(os, "getloadavg"):
-        results["multiprocess_machine"]["loadavg_1min_end"] = round(os.getloadavg()[0], 2)
+        sections = measure(workdir)
+    results.update(sections)
     path.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"[bench] replaced the multiprocess section of {path}", file=sys.stderr)
+    print(f"[bench] replaced the {', '.join(sections)} section(s) of {path}", file=sys.stderr)
+    return results
+
+
+def only_multiprocess(args):
+    def measure(workdir):
+        # The section may come from a later commit than the rest: say which.
+        info = machine()
+        section = run_multiprocess(args, workdir)
+        if hasattr(os, "getloadavg"):
+            info["loadavg_1min_end"] = round(os.getloadavg()[0], 2)
+        return {"multiprocess": section, "multiprocess_machine": info}
+
+    results = replace_sections(args, measure)
     import report
 
     if not args.no_plots:
-        for plot in report.plots(results, path.parent):
+        for plot in report.plots(results, Path(args.out)):
             print(f"[bench] wrote {plot}", file=sys.stderr)
     print("\n".join(report.multiprocess_markdown(results)))
 
 
 def only_collectives(args):
-    path = Path(args.out) / "results.json"
-    if not path.exists():
-        raise SystemExit(f"{path} does not exist: run the whole benchmark first")
-    results = json.loads(path.read_text())
-    with tempfile.TemporaryDirectory(prefix="distadam-bench-") as workdir:
-        results["collectives"] = run_collectives(False, workdir, args.timeout)
-    path.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"[bench] replaced the collectives section of {path}", file=sys.stderr)
+    results = replace_sections(args, lambda workdir: {"collectives": run_collectives(False, workdir, args.timeout)})
     import report
 
     print("\n".join(report.collective_markdown(results)))
