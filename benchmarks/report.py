@@ -325,9 +325,33 @@ def machine_line(results):
             f"{results['elapsed_s']:.0f} s.{load}")
 
 
+def _is_horovod(row):
+    return row["setup"].startswith("horovodrun")
+
+
+def horovod_markdown(results) -> list:
+    """The horovodrun -np 2 rows (what ``run_all.py --only-horovod``
+    re-measures): one process per rank, so unlike the logical-device rows
+    they transfer to a cluster."""
+    rows = [r for r in timing_rows(results) if _is_horovod(r)]
+    if not rows:
+        hvd = results.get("horovod", {})
+        return [f"Horovod column: {hvd.get('not_measured', 'not measured')}."]
+    m = results.get("horovod_machine") or results.get("machine", {})
+    lines = [f"**horovodrun -np 2** (commit {m.get('git_commit') or '?'}): step time ShardedAdam / "
+             "hvd.grouped_allreduce + Keras Adam, median over interleaved A/B repetitions [q25, q75]", "",
+             "| controller | model | ShardedAdam ms | baseline ms | ratio [IQR] |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['setup']} | {r['model']} ({r['params']/1e6:.2f}M params, batch "
+                     f"{r['batch_per_replica']}/rank) | {r['sharded_ms']:.1f} | {r['adam_ms']:.1f} | "
+                     f"**{r['ratio']:.3f}** [{r['q25']:.3f}, {r['q75']:.3f}] |")
+    return lines
+
+
 def markdown(results) -> str:
     lines = [machine_line(results), ""]
     lines += multiprocess_markdown(results)
+    lines += horovod_markdown(results) + [""]
     lines += collective_markdown(results)
 
     mem = memory_rows(results)
@@ -353,10 +377,10 @@ def markdown(results) -> str:
                           f"N={r['replicas']}: {r['ratio']:.4f}" for r in full) + "."]
         lines.append("")
 
-    timing = timing_rows(results)
+    timing = [r for r in timing_rows(results) if not _is_horovod(r)]
     if timing:
         lines += ["**The cost of redundant updates on one host** (MirroredStrategy over N logical CPU devices "
-                  "sharing 2 cores, and horovodrun: step time ShardedAdam / baseline; median over interleaved A/B "
+                  "sharing 2 cores: step time ShardedAdam / baseline; median over interleaved A/B "
                   "repetitions [q25, q75]). With logical devices Keras Adam's N redundant updates run one after "
                   "another on the same cores, which a cluster of N devices would not do: these rows show what "
                   "sharding saves in work, not cluster speed.", "",
@@ -367,9 +391,6 @@ def markdown(results) -> str:
                          f"{r['batch_per_replica']}/replica) | {r['baseline']} | {r['sharded_ms']:.1f} | "
                          f"{r['adam_ms']:.1f} | **{r['ratio']:.3f}** [{r['q25']:.3f}, {r['q75']:.3f}] |")
         lines.append("")
-    hvd = results.get("horovod", {})
-    if hvd.get("not_measured"):
-        lines += [f"Horovod column: {hvd['not_measured']}.", ""]
 
     coll = collective_rows(results)
     if coll:
@@ -468,7 +489,7 @@ def plots(results, out_dir) -> list:
         plt.close(fig)
         written.append(path)
 
-    timing = timing_rows(results)
+    timing = [r for r in timing_rows(results) if not _is_horovod(r)]
     if timing:
         fig, ax = plt.subplots(figsize=(8, 0.9 + 0.5 * len(timing)))
         labels = [f"{r['setup']}, {r['model']}" for r in timing]
@@ -482,7 +503,7 @@ def plots(results, out_dir) -> list:
         ax.set_yticklabels(labels, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("step time ShardedAdam / baseline (median, bars: IQR)")
-        ax.set_title("Redundant-update cost on one host (logical devices, horovodrun)")
+        ax.set_title("Redundant-update cost on one host (logical CPU devices)")
         path = Path(out_dir) / "step_time_ratio_one_host.png"
         fig.tight_layout()
         fig.savefig(path, dpi=120)

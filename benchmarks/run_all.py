@@ -227,6 +227,9 @@ def main(argv=None):
     parser.add_argument("--only-multiprocess", action="store_true",
                         help="run only the one-process-per-worker step timing (2 and 3 processes, ~5 min) and "
                              "replace that section of an existing results.json in --out, keeping the rest")
+    parser.add_argument("--only-horovod", action="store_true",
+                        help="run only the horovodrun -np 2 columns (Gloo and MPI, ~5 min) and replace those "
+                             "sections of an existing results.json in --out, keeping the rest")
     args = parser.parse_args(argv)
     if not 1 <= args.timeout <= 24 * 3600:
         parser.error("--timeout must be from 1 to 86400 seconds")
@@ -234,6 +237,8 @@ def main(argv=None):
         return only_collectives(args)
     if args.only_multiprocess:
         return only_multiprocess(args)
+    if args.only_horovod:
+        return only_horovod(args)
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -264,19 +269,7 @@ def main(argv=None):
         if args.no_horovod or args.quick:
             results["horovod"] = {"not_measured": "skipped (--quick / --no-horovod)"}
         else:
-            missing = horovod_available()
-            if missing:
-                results["horovod"] = {"not_measured": missing}
-            else:
-                hvd_args = ["--collective-sizes", collective_sizes,
-                            "--repetitions", str(args.repetitions), "--steps", str(args.steps)]
-                results["horovod"] = run_horovod(workdir, args.timeout, hvd_args)
-                # Plain `horovodrun` picks MPI when Horovod was built with it (as
-                # ./dev builds it): time that controller too.
-                results["horovod_mpi"] = run_horovod(
-                    workdir, args.timeout,
-                    ["--tasks", "timing", "--repetitions", str(args.repetitions), "--steps", str(args.steps)],
-                    controller="mpi")
+            results.update(run_horovod_sections(args, workdir, collective_sizes))
 
     results["elapsed_s"] = time.perf_counter() - started
     if hasattr(os, "getloadavg"):
@@ -291,6 +284,25 @@ def main(argv=None):
         for plot in report.plots(results, out_dir):
             print(f"[bench] wrote {plot}", file=sys.stderr)
     print(report.markdown(results))
+
+
+def run_horovod_sections(args, workdir, collective_sizes="10,100,1000"):
+    """The horovodrun -np 2 columns: Gloo (structure and timing) and, when
+    Horovod was built with MPI (as ./dev builds it), MPI (timing)."""
+    missing = horovod_available()
+    if missing:
+        return {"horovod": {"not_measured": missing}}
+    hvd_args = ["--collective-sizes", collective_sizes,
+                "--repetitions", str(args.repetitions), "--steps", str(args.steps)]
+    return {
+        "horovod": run_horovod(workdir, args.timeout, hvd_args),
+        # Plain `horovodrun` picks MPI when Horovod was built with it: time
+        # that controller too.
+        "horovod_mpi": run_horovod(
+            workdir, args.timeout,
+            ["--tasks", "timing", "--repetitions", str(args.repetitions), "--steps", str(args.steps)],
+            controller="mpi"),
+    }
 
 
 def run_multiprocess(args, workdir):
@@ -330,6 +342,22 @@ def only_multiprocess(args):
         for plot in report.plots(results, Path(args.out)):
             print(f"[bench] wrote {plot}", file=sys.stderr)
     print("\n".join(report.multiprocess_markdown(results)))
+
+
+def only_horovod(args):
+    def measure(workdir):
+        info = machine()  # the section may come from a later commit than the rest
+        sections = run_horovod_sections(args, workdir)
+        if "not_measured" in sections["horovod"]:
+            raise SystemExit(f"horovod {sections['horovod']['not_measured']}")
+        if hasattr(os, "getloadavg"):
+            info["loadavg_1min_end"] = round(os.getloadavg()[0], 2)
+        return {**sections, "horovod_machine": info}
+
+    results = replace_sections(args, measure)
+    import report
+
+    print("\n".join(report.horovod_markdown(results)))
 
 
 def only_collectives(args):
