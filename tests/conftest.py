@@ -165,3 +165,32 @@ def pytest_xdist_make_scheduler(config, log):
             return xdist_unit(nodeid)
 
     return Units(config, log)
+
+
+# xdist units (see xdist_unit) that take minutes (``--durations`` on two workers, 2026-11-26, in
+# seconds), longest first: they are handed out first, so the run ends on short
+# units instead of one worker idling while the other finishes a long one.
+# Only the order changes: a stale entry costs wall time, never a result.
+LONGEST_FIRST = (
+    "tests/test_equivalence.py::TestFourWorkers",  # 496
+    "tests/test_checkpoint.py::test_resume_exactly_and_reshard_across_worker_counts",  # 377
+    "tests/test_checkpoint.py::test_reshard_across_group_sizes",  # 260
+    "tests/test_equivalence.py::TestThreeWorkers",  # 200
+    "tests/test_equivalence.py::TestTwoWorkers",  # 172
+    "tests/test_checkpoint.py::test_reshard_across_placements",  # 167
+    "tests/test_equivalence.py::test_portable_collectives_match_too",  # 199 with six cases, now four
+    "tests/test_equivalence.py::TestFourWorkersInGroups",  # 119
+    "tests/test_horovod.py::TestGlooThreeRanks",  # 107
+    "tests/test_horovod.py::TestGlooTwoRanks",  # 96
+    "tests/test_multiworker.py::test_workers_match_single_process[four_workers_groups_of_2_and_4]",  # 91
+    "tests/test_benchmarks.py",  # 70
+)
+
+
+def _longest_first_rank(nodeid):
+    unit = xdist_unit(nodeid)
+    return LONGEST_FIRST.index(unit) if unit in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: _longest_first_rank(item.nodeid))  # stable: the rest keeps its order

@@ -100,16 +100,19 @@ def check_equivalence(row, workers):
         assert row["averaged_loss"] == pytest.approx(row["mean_of_raw_losses"], rel=1e-6)
 
 
+@pytest.fixture(scope="class")
+def gloo_results(request):
+    """The test class's horovodrun job, once (module level: pytest 10 drops
+    class-scoped fixtures defined as instance methods)."""
+    return equivalence(request.cls.workers, "gloo", CASES, timeout=480)
+
+
 class GlooJob:
     """Every case in one horovodrun job of ``workers`` ranks; a class per
     -np: a class is one pytest-xdist unit (tests/conftest.py), so the two
     jobs may run on different workers, each once."""
 
     workers: int
-
-    @pytest.fixture(scope="class")
-    def gloo_results(self):
-        return equivalence(self.workers, "gloo", CASES, timeout=480)
 
     @pytest.mark.timeout(600)
     @pytest.mark.parametrize("case", [c["name"] for c in CASES])

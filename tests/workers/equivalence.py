@@ -6,6 +6,7 @@ usage: python equivalence.py N CASES_JSON
 
 import json
 import sys
+import time
 
 import numpy as np
 
@@ -23,6 +24,7 @@ strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(num_replic
 default = tf.distribute.get_strategy()
 
 for case in cases:
+    started = time.perf_counter()
     steps = case.get("steps", 60)
     data = common.make_data(steps, scale=case.get("target_scale", 1.0))
 
@@ -43,10 +45,12 @@ for case in cases:
         reference_model.compile(optimizer=reference_opt, loss="mse")
         reference_model.fit([tokens, features], targets, batch_size=common.GLOBAL_BATCH,
                             shuffle=False, verbose=0)
+        reference_done = time.perf_counter()
         model.compile(optimizer=opt, loss="mse", jit_compile=case.get("jit_compile", "auto"))
         model.fit([tokens, features], targets, batch_size=common.GLOBAL_BATCH, shuffle=False, verbose=0)
     else:
         common.train_custom_loop(default, reference_model, reference_opt, data, steps)
+        reference_done = time.perf_counter()
         common.train_custom_loop(strategy, model, opt, data, steps)
 
     weights = model.get_weights()
@@ -79,5 +83,8 @@ for case in cases:
         "norm_statistics": int(bool(case.get("kwargs", {}).get("clipnorm") or case.get("kwargs", {}).get("global_clipnorm"))),
         "mode": case.get("mode", "custom"),
         "skipped_steps": opt.skipped_steps,
+        # Where a slow suite's time goes (reported, never asserted).
+        "seconds": {"reference": round(reference_done - started, 2),
+                    "sharded": round(time.perf_counter() - reference_done, 2)},
     }
     print("RESULT " + json.dumps(result), flush=True)
