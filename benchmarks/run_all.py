@@ -228,11 +228,15 @@ def main(argv=None):
                         help="run only the one-process-per-worker step timing (2 and 3 processes, ~5 min) and "
                              "replace that section of an existing results.json in --out, keeping the rest")
     parser.add_argument("--only-horovod", action="store_true",
-                        help="run only the horovodrun -np 2 columns (Gloo and MPI, ~5 min) and replace those "
+                        help="run only the horovodrun -np 2 columns (Gloo and MPI, ~3 min) and replace those "
                              "sections of an existing results.json in --out, keeping the rest")
     args = parser.parse_args(argv)
     if not 1 <= args.timeout <= 24 * 3600:
         parser.error("--timeout must be from 1 to 86400 seconds")
+    only = [flag for flag in ("only_collectives", "only_multiprocess", "only_horovod") if getattr(args, flag)]
+    if len(only) > 1 or (only and args.quick):
+        chosen = ["--" + flag.replace("_", "-") for flag in only] + (["--quick"] if args.quick else [])
+        parser.error(f"choose one of {', '.join(chosen)}: each replaces its own sections of results.json")
     if args.only_collectives:
         return only_collectives(args)
     if args.only_multiprocess:

@@ -167,10 +167,11 @@ def pytest_xdist_make_scheduler(config, log):
     return Units(config, log)
 
 
-# xdist units (see xdist_unit) that take minutes (``--durations`` on two workers, 2026-11-26, in
-# seconds), longest first: they are handed out first, so the run ends on short
-# units instead of one worker idling while the other finishes a long one.
-# Only the order changes: a stale entry costs wall time, never a result.
+# xdist units (see xdist_unit) that take minutes, longest first, with their
+# seconds under ``--durations`` on two workers (2026-11-26). They are handed
+# out first, so the run ends on short units instead of one worker idling while
+# the other finishes a long one. Only the order changes: a stale entry costs
+# wall time, never a result.
 LONGEST_FIRST = (
     "tests/test_equivalence.py::TestFourWorkers",  # 496
     "tests/test_checkpoint.py::test_resume_exactly_and_reshard_across_worker_counts",  # 377

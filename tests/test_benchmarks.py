@@ -153,3 +153,27 @@ def test_collective_model_reports_every_measurement():
     assert sum("✗" in cell for line in text.splitlines() if line.startswith("| ")
                for cell in line.split(" | ")) == 1
     assert "11 of 12 predictions are within 25%" in text
+
+
+def test_horovod_rows_have_their_own_table():
+    """horovodrun runs one process per rank, so its rows transfer to a
+    cluster: they are not listed under the one-host (logical devices)
+    caption, which says its rows are not cluster speed."""
+    results = json.loads((BENCH / "results" / "results.json").read_text())
+    text = report.markdown(results)
+    one_host = text.split("**The cost of redundant updates on one host**", 1)[1].split("\n\n**", 1)[0]
+    assert "horovodrun" not in one_host
+    table = "\n".join(report.horovod_markdown(results))
+    assert table in text and table.count("| horovodrun -np 2 (") == 4, table
+    skipped = {"mirrored": {}, "horovod": {"not_measured": "skipped (--quick / --no-horovod)"}}
+    assert report.horovod_markdown(skipped) == ["Horovod column: skipped (--quick / --no-horovod)."]
+
+
+@pytest.mark.parametrize("flags", [["--only-horovod", "--only-collectives"], ["--only-multiprocess", "--quick"]])
+def test_run_all_refuses_two_partial_runs_at_once(flags, capsys):
+    import run_all
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_all.main(flags)
+    assert exit_info.value.code == 2
+    assert "choose one of" in capsys.readouterr().err
