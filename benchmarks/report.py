@@ -101,10 +101,15 @@ def bytes_rows(results):
     return rows
 
 
-def timing_rows(results):
+def timing_rows(results, setups=("mirrored", "horovod")):
+    """Step-time rows of the logical-device runs ("mirrored": one host, N
+    replicas sharing its cores) and of horovodrun ("horovod": one process per
+    rank), in that order, for the ``setups`` asked for."""
     rows = []
-    sources = [(f"MirroredStrategy N={n}", run.get("timing"), "keras Adam") for n, run in _by_replicas(results)]
-    for key in ("horovod", "horovod_mpi"):
+    sources = []
+    if "mirrored" in setups:
+        sources += [(f"MirroredStrategy N={n}", run.get("timing"), "keras Adam") for n, run in _by_replicas(results)]
+    for key in ("horovod", "horovod_mpi") if "horovod" in setups else ():
         hvd = results.get(key, {})
         if hvd.get("timing"):
             sources.append((f"horovodrun -np {hvd['replicas']} ({hvd.get('controller', 'gloo')})",
@@ -325,15 +330,11 @@ def machine_line(results):
             f"{results['elapsed_s']:.0f} s.{load}")
 
 
-def _is_horovod(row):
-    return row["setup"].startswith("horovodrun")
-
-
 def horovod_markdown(results) -> list:
     """The horovodrun -np 2 rows (what ``run_all.py --only-horovod``
     re-measures): one process per rank, so unlike the logical-device rows
     they transfer to a cluster."""
-    rows = [r for r in timing_rows(results) if _is_horovod(r)]
+    rows = timing_rows(results, setups=("horovod",))
     if not rows:
         hvd = results.get("horovod", {})
         return [f"Horovod column: {hvd.get('not_measured', 'not measured')}."]
@@ -377,7 +378,7 @@ def markdown(results) -> str:
                           f"N={r['replicas']}: {r['ratio']:.4f}" for r in full) + "."]
         lines.append("")
 
-    timing = [r for r in timing_rows(results) if not _is_horovod(r)]
+    timing = timing_rows(results, setups=("mirrored",))
     if timing:
         lines += ["**The cost of redundant updates on one host** (MirroredStrategy over N logical CPU devices "
                   "sharing 2 cores: step time ShardedAdam / baseline; median over interleaved A/B "
@@ -489,7 +490,7 @@ def plots(results, out_dir) -> list:
         plt.close(fig)
         written.append(path)
 
-    timing = [r for r in timing_rows(results) if not _is_horovod(r)]
+    timing = timing_rows(results, setups=("mirrored",))
     if timing:
         fig, ax = plt.subplots(figsize=(8, 0.9 + 0.5 * len(timing)))
         labels = [f"{r['setup']}, {r['model']}" for r in timing]

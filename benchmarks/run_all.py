@@ -265,9 +265,8 @@ def main(argv=None):
             results["multiprocess"] = {"2": multiprocess(2, workdir, args.timeout, QUICK_MULTIPROCESS)}
         else:
             results["multiprocess"] = run_multiprocess(args, workdir)
-            timing_args = ["--repetitions", str(args.repetitions), "--steps", str(args.steps)]
             for n in TIMED_REPLICAS:
-                timed = mirrored(n, ["timing"], workdir, args.timeout, timing_args)
+                timed = mirrored(n, ["timing"], workdir, args.timeout, timing_args(args))
                 results["mirrored"][str(n)]["timing"] = timed["timing"]
 
         if args.no_horovod or args.quick:
@@ -296,34 +295,42 @@ def run_horovod_sections(args, workdir, collective_sizes="10,100,1000"):
     missing = horovod_available()
     if missing:
         return {"horovod": {"not_measured": missing}}
-    hvd_args = ["--collective-sizes", collective_sizes,
-                "--repetitions", str(args.repetitions), "--steps", str(args.steps)]
     return {
-        "horovod": run_horovod(workdir, args.timeout, hvd_args),
+        "horovod": run_horovod(workdir, args.timeout, ["--collective-sizes", collective_sizes, *timing_args(args)]),
         # Plain `horovodrun` picks MPI when Horovod was built with it: time
         # that controller too.
-        "horovod_mpi": run_horovod(
-            workdir, args.timeout,
-            ["--tasks", "timing", "--repetitions", str(args.repetitions), "--steps", str(args.steps)],
-            controller="mpi"),
+        "horovod_mpi": run_horovod(workdir, args.timeout, ["--tasks", "timing", *timing_args(args)],
+                                   controller="mpi"),
     }
+
+
+def timing_args(args):
+    """The timed workers' repetition arguments."""
+    return ["--repetitions", str(args.repetitions), "--steps", str(args.steps)]
 
 
 def run_multiprocess(args, workdir):
     """The headline section: 2 and 3 worker processes (mwms_worker.py)."""
-    timing_args = ["--repetitions", str(args.repetitions), "--steps", str(args.steps)]
-    return {str(n): multiprocess(n, workdir, args.timeout * 2, timing_args) for n in MULTIPROCESS_WORKERS}
+    return {str(n): multiprocess(n, workdir, args.timeout * 2, timing_args(args)) for n in MULTIPROCESS_WORKERS}
 
 
-def replace_sections(args, measure):
+def replace_sections(args, measure, machine_key=None):
     """Re-measure part of an existing results.json in --out, keeping the rest:
-    ``measure(workdir)`` returns the sections to replace. Returns the results."""
+    ``measure(workdir)`` returns the sections to replace. With
+    ``machine_key``, the sections may come from a later commit than the rest:
+    a machine line of their own (commit, load at start and end) says which.
+    Returns the results."""
     path = Path(args.out) / "results.json"
     if not path.exists():
         raise SystemExit(f"{path} does not exist: run the whole benchmark first")
     results = json.loads(path.read_text())
+    info = machine() if machine_key else None
     with tempfile.TemporaryDirectory(prefix="distadam-bench-") as workdir:
         sections = measure(workdir)
+    if machine_key:
+        if hasattr(os, "getloadavg"):
+            info["loadavg_1min_end"] = round(os.getloadavg()[0], 2)
+        sections[machine_key] = info
     results.update(sections)
     path.write_text(json.dumps(results, indent=1) + "\n")
     print(f"[bench] replaced the {', '.join(sections)} section(s) of {path}", file=sys.stderr)
@@ -331,15 +338,8 @@ def replace_sections(args, measure):
 
 
 def only_multiprocess(args):
-    def measure(workdir):
-        # The section may come from a later commit than the rest: say which.
-        info = machine()
-        section = run_multiprocess(args, workdir)
-        if hasattr(os, "getloadavg"):
-            info["loadavg_1min_end"] = round(os.getloadavg()[0], 2)
-        return {"multiprocess": section, "multiprocess_machine": info}
-
-    results = replace_sections(args, measure)
+    results = replace_sections(args, lambda workdir: {"multiprocess": run_multiprocess(args, workdir)},
+                               machine_key="multiprocess_machine")
     import report
 
     if not args.no_plots:
@@ -350,15 +350,12 @@ def only_multiprocess(args):
 
 def only_horovod(args):
     def measure(workdir):
-        info = machine()  # the section may come from a later commit than the rest
         sections = run_horovod_sections(args, workdir)
         if "not_measured" in sections["horovod"]:
             raise SystemExit(f"horovod {sections['horovod']['not_measured']}")
-        if hasattr(os, "getloadavg"):
-            info["loadavg_1min_end"] = round(os.getloadavg()[0], 2)
-        return {**sections, "horovod_machine": info}
+        return sections
 
-    results = replace_sections(args, measure)
+    results = replace_sections(args, measure, machine_key="horovod_machine")
     import report
 
     print("\n".join(report.horovod_markdown(results)))
