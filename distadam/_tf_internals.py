@@ -44,11 +44,7 @@ import weakref
 import tensorflow as tf
 
 from distadam.collectives.base import sum_rows
-
-# Collective group members are ranked by device name; up to 10 members the
-# lexicographic and the replica order agree ("CPU:10" < "CPU:2" beyond that),
-# which the all-to-all's row order and the gather's output order rely on.
-MAX_DIRECT_GROUP = 10
+from distadam.collectives.member_order import MemberOrder
 
 _EXPECTED_ERRORS = (AttributeError, ImportError, IndexError, TypeError, KeyError, ValueError)
 
@@ -58,15 +54,23 @@ class InternalsUnavailable(RuntimeError):
 
 
 class DirectLaunchers:
-    """The strategy's own per-device collective launchers, in replica order."""
+    """Per-device collective launchers, one per local replica in replica
+    order, each with the :class:`MemberOrder` of its group (identity until
+    the caller establishes it: see :meth:`with_orders`)."""
 
-    def __init__(self, launchers, lock):
+    def __init__(self, launchers, lock, orders=None):
         self.launchers = launchers
         self.lock = lock
+        self.orders = list(orders) if orders is not None else [
+            MemberOrder.identity(launcher._group_size) for launcher in launchers]
+
+    def with_orders(self, orders) -> "DirectLaunchers":
+        """The same launchers with their groups' member orders."""
+        return DirectLaunchers(self.launchers, self.lock, orders)
 
     def call_per_replica(self, replica_context, per_device_fn, value):
-        """Run ``per_device_fn(launcher, local_value)`` for every local replica
-        inside one merge_call; each replica gets its own result back."""
+        """Run ``per_device_fn(launcher, order, local_value)`` for every local
+        replica inside one merge_call; each replica gets its own result back."""
         try:
             from tensorflow.python.distribute import values as values_lib
         except _EXPECTED_ERRORS as error:
@@ -75,7 +79,8 @@ class DirectLaunchers:
         def merge_fn(strategy, per_replica):
             local = strategy.experimental_local_results(per_replica)
             with self.lock:  # the launchers' instance keys must advance in one order
-                results = [per_device_fn(launcher, v) for launcher, v in zip(self.launchers, local)]
+                results = [per_device_fn(launcher, order, v)
+                           for launcher, order, v in zip(self.launchers, self.orders, local)]
             return values_lib.PerReplica(results)
 
         return replica_context.merge_call(merge_fn, args=(value,))
@@ -104,7 +109,7 @@ def direct_launchers(strategy) -> DirectLaunchers | None:
         worker_devices = extended.worker_devices
     except _EXPECTED_ERRORS:
         return None
-    if group_size != strategy.num_replicas_in_sync or group_size > MAX_DIRECT_GROUP:
+    if group_size != strategy.num_replicas_in_sync:
         return None
     if len(launchers) != len(worker_devices):
         return None
@@ -174,26 +179,46 @@ def subgroup_launchers(direct: DirectLaunchers, worker_indices, group_size: int,
     return DirectLaunchers(within, direct.lock), DirectLaunchers(across, direct.lock)
 
 
-def launcher_all_reduce(launcher, values):
-    """Sum of ``values`` over the launcher's group."""
+def launcher_all_reduce(launcher, order, values):
+    """Sum of ``values`` over the launcher's group (order-free)."""
     try:
         return launcher.all_reduce(values)
     except _EXPECTED_ERRORS as error:
         raise InternalsUnavailable(f"launcher all-reduce: {error}") from error
 
 
-def all_to_all_sum(launcher, flat, num_workers: int):
-    """Reduce-scatter through an all-to-all: row j of ``flat`` (viewed as
-    [num_workers, S]) goes to replica j, which sums the rows it receives."""
+#: TensorFlow names the buffers of an all-to-all by the collective's key
+#: followed by the sender's and the receiver's ranks with no separator
+#: (``all_to_all.cc``): from 11 ranks on two pairs spell the same name ((1, 10)
+#: and (11, 0) are both "...110"), and a process holding both receivers fails
+#: with "Second consumer arrived for key". Groups up to this size, or with one
+#: member per process, cannot collide.
+UNAMBIGUOUS_ALL_TO_ALL_GROUP = 10
+
+
+def all_to_all_is_safe(group_size: int, members_per_process: int) -> bool:
+    """Whether TensorFlow's all-to-all works for a group of ``group_size``
+    with up to ``members_per_process`` members in one process (see
+    :data:`UNAMBIGUOUS_ALL_TO_ALL_GROUP`). The same answer on every process
+    of a job (equal devices per worker), so all take the same path."""
+    return group_size <= UNAMBIGUOUS_ALL_TO_ALL_GROUP or members_per_process <= 1
+
+
+def all_to_all_sum(launcher, order: MemberOrder, flat):
+    """Reduce-scatter through an all-to-all: row w of ``flat`` (viewed as
+    [group size, S]) goes to worker w, which sums the rows it receives.
+    The all-to-all delivers row r to rank r, so the rows are put in rank
+    order first (a copy only where ranks and workers differ)."""
     with tf.device(launcher._device):
-        rows = tf.reshape(flat, [num_workers, -1])
-    # Row j came from replica j: its part of this replica's shard.
-    return sum_rows(all_to_all_rows(launcher, rows))
+        rows = order.rows_to_rank_order(tf.reshape(flat, [order.size, -1]))
+    # Received row r came from rank r: summed in worker order.
+    return sum_rows(all_to_all_rows(launcher, rows), order)
 
 
 def all_to_all_rows(launcher, rows):
-    """All-to-all of ``rows`` ([group_size, ...]): row j goes to replica j;
-    returns the rows received, row j from replica j."""
+    """All-to-all of ``rows`` ([group_size, ...]): row r goes to rank r;
+    returns the rows received, row r from rank r (TensorFlow's rank order,
+    see :mod:`distadam.collectives.member_order`)."""
     try:
         from tensorflow.python.distribute import collective_util
         from tensorflow.python.ops import collective_ops
@@ -212,14 +237,16 @@ def all_to_all_rows(launcher, rows):
         raise InternalsUnavailable(f"all_to_all_v2 through the strategy's launcher: {error}") from error
 
 
-def equal_shard_all_gather(launcher, shard):
-    """All-gather of equal-size shards without the shape exchange."""
+def equal_shard_all_gather(launcher, order: MemberOrder | None, shard):
+    """All-gather of equal-size shards without the shape exchange, in worker
+    order (``order=None``: as TensorFlow returns it, in rank order)."""
     try:
         from tensorflow.python.distribute import collective_util
 
-        return launcher._all_gather(shard, collective_util.Options())
+        gathered = launcher._all_gather(shard, collective_util.Options())
     except _EXPECTED_ERRORS as error:
         raise InternalsUnavailable(f"launcher all-gather: {error}") from error
+    return gathered if order is None else order.flat_to_worker_order(gathered)
 
 
 def in_xla_context() -> bool:

@@ -466,8 +466,8 @@ class ShardedAdam(keras.optimizers.Optimizer):
         buckets = self._layout.buckets
         new_values, finite, checks = [], [], []
         for b, (bucket, proposal) in enumerate(zip(buckets, proposals)):
-            flat, check = self._gather_params(b, bucket, proposal.params)
-            checks += [check] if check is not None else []
+            flat, bucket_checks = self._gather_params(step, b, bucket, proposal.params)
+            checks += bucket_checks
             # Each variable's new value is a view of the gathered buffer (a
             # split along the first dimension shares memory where aligned),
             # handed to the assignment below as it is; splitting inside XLA
@@ -546,33 +546,50 @@ class ShardedAdam(keras.optimizers.Optimizer):
                 summarize=3,
             )
 
-    def _gather_params(self, b, bucket, params):
+    def _gather_params(self, step, b, bucket, params):
         """All-gather this worker's new parameter shard (a replicated bucket's
-        parameters are already whole). If the layout was not verified when
-        the optimizer was built (built inside a traced step), the shard carries
-        a trailer with this worker's layout fingerprint, and every worker
-        asserts that all fingerprints match its own.
+        parameters are already whole). If the layout or the backend's member
+        order was not established when the optimizer was built (built inside
+        a traced step), the shard carries a trailer: this worker's layout
+        fingerprint and its index; every worker asserts that all fingerprints
+        match its own and that row w of the gather came from worker w, before
+        anything is written.
 
-        Returns (flat parameters of the bucket, layout assertion or None)."""
+        Returns (flat parameters of the bucket, [assertions])."""
         collectives = self._shard_collectives
         if collectives.num_workers == 1 or bucket.replicated:
-            return params, None
+            return params, []
         name = f"bucket{b}_params"
-        if self._layout_verified:
-            return collectives.all_gather(params, name=name), None
+        if self._layout_verified and collectives.member_order_established:
+            return collectives.all_gather(params, name=name), []
         fingerprint = tf.constant(self._layout.fingerprint(), bucket.dtype)
-        width = bucket.shard_size + int(fingerprint.shape[0])
-        gathered = collectives.all_gather(tf.concat([params, fingerprint], axis=0), name=name)
+        # The index as two base-128 digits: exact in every float dtype
+        # (bfloat16 holds integers up to 256) for up to 16384 workers.
+        digits = tf.cast(tf.stack([step.worker // 128, step.worker % 128]), bucket.dtype)
+        trailer = tf.concat([fingerprint, digits], axis=0)
+        width = bucket.shard_size + int(trailer.shape[0])
+        gathered = collectives.all_gather(tf.concat([params, trailer], axis=0), name=name)
         rows = tf.reshape(gathered, [collectives.num_workers, width])
-        fingerprints = rows[:, bucket.shard_size:]
-        check = tf.debugging.assert_equal(
+        fingerprints = rows[:, bucket.shard_size:bucket.shard_size + 2]
+        same_layout = tf.debugging.assert_equal(
             fingerprints, tf.broadcast_to(fingerprint, tf.shape(fingerprints)),
             message=(
                 "distadam: workers disagree on the trainable variables (number, shapes, "
                 "dtypes or order). Every worker must build the same model before training."
             ),
         )
-        return tf.reshape(rows[:, : bucket.shard_size], [-1]), check
+        senders = tf.cast(rows[:, -2] * 128 + rows[:, -1], tf.int32)
+        worker_order = tf.debugging.assert_equal(
+            senders, tf.range(collectives.num_workers, dtype=tf.int32),
+            message=(
+                f"distadam: the {collectives.name} backend's gather returned the workers' shards out of "
+                "worker order (the collective's member order predicted when the optimizer was built "
+                "inside a traced step was wrong); nothing was written. Build the optimizer before the "
+                "first step, e.g. optimizer.build(model.trainable_variables) inside strategy.scope(), "
+                "so that the order is probed. Row senders:"
+            ),
+        )
+        return tf.reshape(rows[:, : bucket.shard_size], [-1]), [same_layout, worker_order]
 
     def _decays(self, seg):
         return hooks.uses_weight_decay(self, hooks.built_variables(self)[seg.variable_index])

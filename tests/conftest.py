@@ -1,10 +1,13 @@
+import atexit
 import functools
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import typing
 from pathlib import Path
@@ -15,6 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKERS = ROOT / "tests" / "workers"
 # Tests share the workers' model, data and reference optimizer (common.py).
 sys.path.insert(0, str(WORKERS))
+
+# One directory of single-device Keras Adam references for the whole session
+# (tests/workers/reference.py): set here, in the process pytest starts first,
+# so xdist's workers and every worker process inherit it; removed at exit.
+if "DISTADAM_REFERENCE_CACHE" not in os.environ:
+    os.environ["DISTADAM_REFERENCE_CACHE"] = tempfile.mkdtemp(prefix="distadam-references-")
+    atexit.register(shutil.rmtree, os.environ["DISTADAM_REFERENCE_CACHE"], True)
 
 
 def worker_env(**extra):

@@ -65,6 +65,16 @@ class Collectives(abc.ABC):
         """Inside a step: this worker's shard index as an int32 scalar tensor
         (a constant where the backend knows it at trace time)."""
 
+    @property
+    def member_order_established(self) -> bool:
+        """Whether this backend's gathers are known to return workers in
+        worker order: observed, or guaranteed by the library (Horovod and MPI
+        gather in rank order). False where the order was predicted: the
+        optimizer then checks it on its first step's gathers and stops before
+        writing anything if it was wrong (see
+        :mod:`distadam.collectives.member_order`)."""
+        return True
+
     def local_worker_indices(self) -> list:
         """Eagerly: the shard index of each worker this process holds, in
         :meth:`local_components` order."""
@@ -151,14 +161,19 @@ class Collectives(abc.ABC):
         collective: every process calls it with the same variables."""
 
 
-def sum_rows(rows: tf.Tensor) -> tf.Tensor:
+def sum_rows(rows: tf.Tensor, order=None) -> tf.Tensor:
     """The sum of the rows of ``rows`` ([num_workers, S]): the local half of
     a reduce-scatter done as an all-to-all. One ``AddN`` over the rows,
     which are views of ``rows``: ``tf.reduce_sum(rows, axis=0)`` is a
     column reduction and took 3.7 ms against 1.4 ms for a [2, 1.2M] float32
-    shard on one CPU thread (``benchmarks/README.md``). Row order is worker
-    order, whatever the backend."""
-    return tf.add_n(tf.unstack(rows))
+    shard on one CPU thread (``benchmarks/README.md``). The rows are added
+    in worker order whatever the backend (``order``: the
+    :class:`~distadam.collectives.member_order.MemberOrder` the rows arrived
+    in; None: already worker order), so every path rounds alike."""
+    parts = tf.unstack(rows)
+    if order is not None:
+        parts = order.list_to_worker_order(parts)
+    return tf.add_n(parts)
 
 
 def slice_own_shard(flat: tf.Tensor, num_workers: int, index: tf.Tensor) -> tf.Tensor:

@@ -323,9 +323,6 @@ class _HorovodSubgroupOps:
         received = self._hvd.alltoall(flat, name=self._name(name, self._within), process_set=self._within)
         return sum_rows(tf.reshape(received, [size, -1]))
 
-    def all_reduce_within(self, values, name):
-        return self._sum(values, name, self._within)
-
     def all_reduce_across(self, values, name):
         return self._sum(values, name, self._across)
 

@@ -22,7 +22,7 @@ node's fast links and only step 2, 1/G of the bucket, crosses the network.
 :class:`~distadam.collectives.base.Collectives` over G workers, so the
 optimizer's step is the same code for G = N and G < N. Backends provide the
 group collectives through :meth:`Collectives.subgroup_ops`, returning an object
-with the four methods of :class:`SubgroupOps`; a backend that returns None
+with the three methods of :class:`SubgroupOps`; a backend that returns None
 gets an emulation over all N workers (correct, more bytes: every collective
 spans all workers).
 """
@@ -34,7 +34,7 @@ import typing
 import numpy as np
 import tensorflow as tf
 
-from distadam.collectives.base import Collectives, slice_own_shard
+from distadam.collectives.base import Collectives, slice_own_shard, sum_rows
 
 
 class SubgroupOps(typing.Protocol):
@@ -47,8 +47,6 @@ class SubgroupOps(typing.Protocol):
     """
 
     def reduce_scatter_within(self, flat: tf.Tensor, name: str | None) -> tf.Tensor: ...
-
-    def all_reduce_within(self, values: tf.Tensor, name: str | None) -> tf.Tensor: ...
 
     def all_reduce_across(self, values: tf.Tensor, name: str | None) -> tf.Tensor: ...
 
@@ -119,6 +117,10 @@ class ShardGroupCollectives(Collectives):
     def num_workers(self) -> int:
         return self.group_size
 
+    @property
+    def member_order_established(self) -> bool:
+        return self.full.member_order_established and getattr(self.ops, "member_order_established", True)
+
     def worker_index(self):
         return self._split_index(tf.math.floormod, lambda index: index % self.group_size)
 
@@ -164,7 +166,13 @@ class ShardGroupCollectives(Collectives):
         if self.group_size == 1:
             return values
         if self.ops is not None:
-            return self.ops.all_reduce_within(values, name)
+            # Gathered and added in worker order, not all-reduced: every group
+            # holds the same values (the norm statistics of the same global
+            # gradient) and must get the same bits, but an all-reduce adds in
+            # its group's rank order, which differs between groups from 11
+            # workers on (distadam.collectives.member_order). A few floats.
+            gathered = self.ops.all_gather_within(tf.reshape(values, [-1]), name)
+            return tf.reshape(sum_rows(tf.reshape(gathered, [self.group_size, -1])), tf.shape(values))
         # Emulated: only group 0 contributes, so the sum is exactly one group's.
         in_group_0 = tf.cast(tf.equal(self.group_index(), 0), values.dtype)
         return self.full.all_reduce_sum(values * in_group_0, name=name)

@@ -20,6 +20,15 @@ strategy launches. Two implementations of the bucket collectives:
   replica's slice, and ``ReplicaContext.all_gather`` (which exchanges shapes
   first: two launches). On GPU NCCL's all-reduce is itself reduce-scatter +
   all-gather, so the extra bytes are the gather half.
+
+Both paths map TensorFlow's rank order onto worker order
+(:mod:`distadam.collectives.member_order`): from 11 workers on TensorFlow
+ranks the members of a group by the lexicographic order of their task names,
+so a gather's rows and an all-to-all's destinations are not in replica
+order. The ranking of every group the optimizer uses is probed when the
+optimizer is built eagerly, or predicted from the device names when it is
+first built inside a traced step (``member_order_established`` is then
+False and the optimizer checks the prediction on the first step's gathers).
 """
 
 from __future__ import annotations
@@ -31,7 +40,9 @@ import numpy as np
 import tensorflow as tf
 
 from distadam import _tf_internals
+from distadam.collectives import member_order
 from distadam.collectives.base import Collectives, slice_own_shard
+from distadam.collectives.member_order import MemberOrder
 
 #: Set to "0" to force the portable (public API) collectives.
 DIRECT_COLLECTIVES_ENV = "DISTADAM_DIRECT_COLLECTIVES"
@@ -56,6 +67,66 @@ class DistributeCollectives(Collectives):
         self._direct = None
         if self.num_workers > 1 and direct_collectives_requested():
             self._direct = _tf_internals.direct_launchers(self._strategy)
+        # The ranking of the all-workers group (one group for both paths:
+        # the portable collectives use the strategy's launchers too).
+        self._order = MemberOrder.identity(self.num_workers)
+        self._order_source = "single worker"
+        if self.num_workers > 1:
+            if can_probe():
+                self._order = member_order.agreed(self._probe_member_orders(self._direct, lambda replica: replica))
+                self._order_source = "probed"
+            else:
+                self._order = _predicted_order(member_device_names(self._strategy), self.num_workers)
+                self._order_source = "predicted"
+            if self._direct is not None:
+                self._direct = self._direct.with_orders([self._order] * len(self._direct.launchers))
+        # Where TensorFlow's all-to-all would mix up its buffers (a process
+        # holding several members of a group of 11 or more), the reduce-
+        # scatter is an all-reduce + slice instead; the gather stays direct.
+        self._direct_all_to_all = self._direct is not None and _tf_internals.all_to_all_is_safe(
+            self.num_workers, len(self._direct.launchers))
+
+    @property
+    def member_order(self) -> MemberOrder:
+        """The ranking TensorFlow gave the all-workers group (how its gathers
+        order the workers before distadam puts them in worker order)."""
+        return self._order
+
+    @property
+    def member_order_source(self) -> str:
+        """How :attr:`member_order` was learnt: "probed" (observed when the
+        optimizer was built), "predicted" (from device names: built inside a
+        traced step) or "single worker"."""
+        return self._order_source
+
+    @property
+    def member_order_established(self) -> bool:
+        return self._order_source != "predicted"
+
+    def _probe_member_orders(self, launchers, index_in_group) -> list:
+        """Each local replica's observation of its group's ranking: a gather
+        of every member's index in the group (``index_in_group(replica id)``),
+        as the collective returns it (``launchers``: through them; None: the
+        portable all-gather). Eager, in cross-replica context; a collective:
+        every process probes at the same point of building."""
+        strategy = self._strategy
+
+        def raw_gather(launcher, _order, value):
+            return _tf_internals.equal_shard_all_gather(launcher, None, value)
+
+        @tf.function
+        def probe():
+            def replica_fn():
+                context = tf.distribute.get_replica_context()
+                index = tf.reshape(tf.cast(index_in_group(context.replica_id_in_sync_group), tf.float32), [1])
+                if launchers is None:
+                    return context.all_gather(index, axis=0)
+                return launchers.call_per_replica(context, raw_gather, index)
+
+            return strategy.run(replica_fn)
+
+        return [member_order.from_probe(np.asarray(result))
+                for result in strategy.experimental_local_results(probe())]
 
     @property
     def uses_direct_collectives(self) -> bool:
@@ -84,12 +155,13 @@ class DistributeCollectives(Collectives):
     def _reduce_scatter_sum(self, flat, name):
         if self.num_workers == 1:
             return flat
-        num_workers = self.num_workers
-        direct = self._call_direct(lambda launcher, local: _tf_internals.all_to_all_sum(launcher, local, num_workers), flat)
-        if direct is not None:
-            return direct
+        if self._direct_all_to_all:
+            direct = self._call_direct(_tf_internals.all_to_all_sum, flat)
+            if direct is not None:
+                return direct
+        # An all-reduce is order-free: slice this worker's shard of the sum.
         summed = self._context().all_reduce(tf.distribute.ReduceOp.SUM, flat)
-        return slice_own_shard(summed, num_workers, self.worker_index())
+        return slice_own_shard(summed, self.num_workers, self.worker_index())
 
     def _all_reduce_sum(self, values, name):
         if self.num_workers == 1:
@@ -99,21 +171,18 @@ class DistributeCollectives(Collectives):
     def _all_gather(self, shard, name):
         if self.num_workers == 1:
             return shard
-        if os.environ.get("DISTADAM_GATHER_VIA_ALLTOALL") == "1":
-            n = self.num_workers
-            direct = self._call_direct(
-                lambda launcher, s: tf.reshape(_tf_internals.all_to_all_rows(launcher, tf.tile(s[None], [n, 1])), [-1]),
-                shard)
-        else:
-            direct = self._call_direct(_tf_internals.equal_shard_all_gather, shard)
+        direct = self._call_direct(_tf_internals.equal_shard_all_gather, shard)
         if direct is not None:
             return direct
-        return self._context().all_gather(shard, axis=0)
+        return self._order.flat_to_worker_order(self._context().all_gather(shard, axis=0))
 
     def _all_gather_rows(self, rows, name):
         if self.num_workers == 1:
             return rows
         # The public all-gather exchanges shapes first: row counts may differ.
+        # Left in rank order: the rows are a sparse gradient's (index, value)
+        # pairs, packed together and summed by index, so which worker sent a
+        # row does not matter (every worker receives the same sequence).
         return self._context().all_gather(rows, axis=0)
 
     def _call_direct(self, per_device_fn, value):
@@ -139,7 +208,23 @@ class DistributeCollectives(Collectives):
         except _tf_internals.InternalsUnavailable as error:
             warnings.warn(f"distadam: subgroup collectives unavailable ({error}); emulating them over all workers")
             return None
-        return _DirectSubgroupOps(self, within, across, group_size)
+        # Each local replica's group has a ranking of its own (the members'
+        # task names decide it); the across-group collectives only all-reduce.
+        if can_probe():
+            orders = self._probe_member_orders(within, lambda replica: replica % group_size)
+            for group in {index // group_size for index in indices}:
+                member_order.agreed([o for o, i in zip(orders, indices) if i // group_size == group])
+            established = True
+        else:
+            names = member_device_names(self._strategy)
+            orders = [_predicted_order(None if names is None else names[i - i % group_size:][:group_size],
+                                       group_size) for i in indices]
+            established = False
+        # Members of one group held by one process (equal on every process).
+        members_per_process = max(sum(1 for i in indices if i // group_size == group)
+                                  for group in {i // group_size for i in indices})
+        return _DirectSubgroupOps(self, within.with_orders(orders), across, group_size, established,
+                                  _tf_internals.all_to_all_is_safe(group_size, members_per_process))
 
     def assign_replicated(self, variables, values):
         # Mirrored variables can only be written from cross-replica context;
@@ -242,11 +327,14 @@ class _DirectSubgroupOps:
     the direct path (all-to-all + local sum, ring all-reduce, all-gather
     without the shape exchange), each over a group's or a position's workers."""
 
-    def __init__(self, collectives, within, across, group_size):
+    def __init__(self, collectives, within, across, group_size, member_order_established, all_to_all):
         self._collectives = collectives
         self._within = within
         self._across = across
         self._group_size = group_size
+        #: Whether the groups' rankings were probed (else predicted).
+        self.member_order_established = member_order_established
+        self._all_to_all = all_to_all  # else reduce-scatter = all-reduce + slice
 
     def _call(self, launchers, per_device_fn, value):
         try:
@@ -259,14 +347,48 @@ class _DirectSubgroupOps:
                 "use the emulated (public API) path") from error
 
     def reduce_scatter_within(self, flat, name):
-        size = self._group_size
-        return self._call(self._within, lambda launcher, v: _tf_internals.all_to_all_sum(launcher, v, size), flat)
-
-    def all_reduce_within(self, values, name):
-        return self._call(self._within, _tf_internals.launcher_all_reduce, values)
+        if self._all_to_all:
+            return self._call(self._within, _tf_internals.all_to_all_sum, flat)
+        position = self._collectives.worker_index() % self._group_size
+        summed = self._call(self._within, _tf_internals.launcher_all_reduce, flat)
+        return slice_own_shard(summed, self._group_size, position)
 
     def all_reduce_across(self, values, name):
         return self._call(self._across, _tf_internals.launcher_all_reduce, values)
 
     def all_gather_within(self, shard, name):
         return self._call(self._within, _tf_internals.equal_shard_all_gather, shard)
+
+
+def can_probe() -> bool:
+    """Whether collectives can run now, eagerly, across replicas (building
+    outside any step); inside a traced step they cannot."""
+    return tf.executing_eagerly() and tf.distribute.in_cross_replica_context()
+
+
+def member_device_names(strategy) -> list | None:
+    """The device of every replica of ``strategy``, in replica order, or None
+    if it cannot be told without communicating. MirroredStrategy holds all
+    its replicas; under MultiWorkerMirroredStrategy replica ids count the
+    chief first, then the workers by index, each with the same local devices
+    (``tf.distribute.cluster_resolver``'s cluster spec names them)."""
+    local = list(strategy.extended.worker_devices)
+    if len(local) == strategy.num_replicas_in_sync:
+        return local
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None:
+        return None
+    cluster = resolver.cluster_spec().as_dict()
+    tasks = [(job, index) for job in ("chief", "worker") for index in range(len(cluster.get(job, ())))]
+    if len(tasks) * len(local) != strategy.num_replicas_in_sync:
+        return None
+    return [tf.DeviceSpec.from_string(device).replace(job=job, task=index).to_string()
+            for job, index in tasks for device in local]
+
+
+def _predicted_order(device_names, size) -> MemberOrder:
+    """TensorFlow's ranking predicted from the members' device names (worker
+    order when they are unknown: the first step's check then decides)."""
+    if device_names is None or len(device_names) != size:
+        return MemberOrder.identity(size)
+    return member_order.tensorflow_rank_order(device_names)

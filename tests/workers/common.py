@@ -4,8 +4,23 @@ Workers run in their own processes because TF allows one distribution
 strategy per process (a second one collides on collective keys)."""
 
 import os
+import sys
+import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _exit_on_uncaught(exc_type, exc, tb):
+    """A worker that fails exits at once with status 1 and its traceback:
+    the interpreter's teardown with a TensorFlow strategy can hang for
+    minutes on a loaded machine (see :func:`exit_now`)."""
+    traceback.print_exception(exc_type, exc, tb)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
+sys.excepthook = _exit_on_uncaught
 
 import numpy as np
 import tensorflow as tf
@@ -143,6 +158,9 @@ def make_train_step(strategy, model, optimizer):
     return train_step
 
 
+_LIVE_ITERATORS = []
+
+
 def train_custom_loop(strategy, model, optimizer, data, steps, finalize=True):
     """strategy.run + apply_gradients, the loss averaged over the global batch."""
     (tokens, features), targets = data
@@ -152,10 +170,15 @@ def train_custom_loop(strategy, model, optimizer, data, steps, finalize=True):
     dist = strategy.experimental_distribute_dataset(dataset)
     train_step = make_train_step(strategy, model, optimizer)
 
-    for i, batch in enumerate(dist):
-        if i >= steps:
-            break
-        train_step(*batch)
+    # Exactly `steps` batches, and the iterator is kept for the process's
+    # lifetime: deleting a MultiWorkerMirroredStrategy iterator blocks its
+    # worker for up to a minute (TensorFlow 2.21, 12 processes; the workers
+    # then wait for it in the next collective), as does asking it for a batch
+    # past the end.
+    batches = iter(dist)
+    _LIVE_ITERATORS.append(batches)
+    for _ in range(steps):
+        train_step(*next(batches))
     if finalize:
         optimizer.finalize_variable_values(model.trainable_variables)
 
@@ -190,3 +213,18 @@ def group_ops(optimizer):
     if view.num_workers == 1:
         return "none"
     return "emulated" if view.emulated else "direct"
+
+
+def exit_now(strategy=None):
+    """End a test worker whose results are written: flush and exit at once.
+    TensorFlow's interpreter teardown with a distribution strategy can take
+    minutes on a loaded machine (measured: a 45 s MirroredStrategy run took
+    up to 5 min when another ran beside it, idle in teardown), and a
+    MultiWorkerMirroredStrategy's waits for its peers' heartbeats to stop.
+    With a multi-worker ``strategy``, one collective first, as a barrier, so
+    no worker leaves while another still needs it."""
+    if strategy is not None and strategy.num_replicas_in_sync > 1:
+        strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
