@@ -102,9 +102,15 @@ def pack_rows(indices, values) -> tf.Tensor:
     """A sparse gradient's rows as one [M, width + k] tensor of the values'
     dtype: the row's values, then its index bitcast into k columns (k = 1 for
     32/64-bit values, 2 for 16-bit ones). One collective moves both."""
-    rows = tf.reshape(values, [tf.shape(values)[0], -1])
+    # Widths from the static shapes, never inferred with -1: a worker can
+    # have no rows at all (a global batch that does not fill every replica:
+    # 24 over 11 gives three replicas none), and a -1 beside 0 rows infers
+    # a wrong width, which another worker's gather then does not match.
+    width = math.prod(values.shape[1:])
+    rows = tf.reshape(values, [-1, width])
     index_columns = tf.bitcast(tf.cast(indices, index_dtype_for(values.dtype)), values.dtype)
-    index_columns = tf.reshape(index_columns, [tf.shape(rows)[0], -1])
+    columns_per_index = math.prod(index_columns.shape[1:])  # 2 for 16-bit values, else 1
+    index_columns = tf.reshape(index_columns, [-1, columns_per_index])
     return tf.concat([rows, index_columns], axis=1)
 
 

@@ -6,12 +6,12 @@ returns workers 0, 1, 10, 11, 2, ... and an all-to-all delivers row r to that
 ranking's r-th worker (distadam.collectives.member_order). Before the fix,
 12 worker processes ended ~1.0 (relative) away from Keras Adam, silently.
 
-Two ways to 12 workers, each one run training several cases on one strategy:
-12 processes under `distadam launch` (MultiWorkerMirroredStrategy: the ranking
-differs from worker order), and 12 logical CPUs in one process
-(MirroredStrategy: devices of one task rank by number, but TensorFlow's
-all-to-all cannot tell its buffers apart there, so the reduce-scatter takes
-the all-reduce path). The member-order logic itself is checked without
+Each run trains several cases on one strategy: 12 processes under `distadam
+launch` (MultiWorkerMirroredStrategy: the ranking differs from worker order),
+and 13 logical CPUs in one process (MirroredStrategy: devices of one task rank
+by number; one replica gets no rows of the global batch; and a process
+holding 13 members of a group reduce-scatters by all-reduce, TensorFlow's
+all-to-all buffer names being ambiguous from 11 ranks on). The member-order logic itself is checked without
 TensorFlow's runtime below, at 11, 12 and 16 workers.
 """
 
@@ -92,6 +92,23 @@ def test_devices_that_disagree_on_a_ranking_fail_loudly():
         member_order.agreed([MemberOrder((0, 1, 2)), MemberOrder((0, 2, 1))])
 
 
+@pytest.mark.parametrize("dtype, index_columns", [("float32", 1), ("float16", 2)])
+def test_a_worker_without_sparse_rows_sends_rows_of_the_right_width(dtype, index_columns):
+    """A worker without rows packs [0, width + index columns], the widths
+    taken from the static shapes (see the 11-device test below for the
+    failure an inferred width caused), and rows round-trip."""
+    import tensorflow as tf
+
+    from distadam import bucket_ops
+
+    # Traced with the empty shape known statically, as a replica's step is.
+    pack = tf.function(bucket_ops.pack_rows)
+    assert pack(tf.zeros([0], tf.int32), tf.zeros([0, 6], dtype)).shape == (0, 6 + index_columns)
+    packed = pack(tf.constant([4, 1]), tf.reshape(tf.range(12, dtype=dtype), [2, 6]))
+    indices, values = bucket_ops.unpack_rows(packed, 6)
+    assert indices.numpy().tolist() == [4, 1] and values.shape == (2, 6)
+
+
 # ------------------------------------------------------------ real training
 # Lazy cases build inside the traced step (the ranking is predicted and the
 # first step's gathers check it); eager ones probe it at build.
@@ -157,8 +174,13 @@ def test_twelve_worker_processes_match_single_device_adam(tmp_path):
 
 @pytest.mark.collectives
 @pytest.mark.timeout(400)
-def test_twelve_logical_devices_match_single_device_adam(tmp_path):
-    workers = 12
+def test_thirteen_logical_devices_match_single_device_adam(tmp_path):
+    """13 replicas in one process. The global batch of 24 leaves the last one
+    without rows (TensorFlow gives 12 replicas 2 each), whose sparse-gradient
+    exchange once packed a wrong width and failed every worker's gather (as at
+    11 and 16 worker processes). And TensorFlow's all-to-all would mix up the
+    buffers of 13 local members: the reduce-scatter must all-reduce instead."""
+    workers = 13
     references = run_cases(tmp_path, [sys.executable, WORKERS / "many_workers.py"], LOGICAL_DEVICE_CASES,
                            worker_env(DISTADAM_LOGICAL_DEVICES=workers), timeout=380)
     for index, case in enumerate(LOGICAL_DEVICE_CASES):
