@@ -180,8 +180,8 @@ def test_row_sparse_variables_get_a_bucket_of_their_own():
     assert [[s.variable_index for s in b.segments] for b in layout.buckets] == [[2, 1], [0]]
     # ShardedAdam isolates Keras Embedding tables by name ("embeddings") and
     # by default keeps their state whole (rows exchanged, never the table).
-    model = keras.Sequential([keras.Input((3,), dtype="int32"), keras.layers.Embedding(20, 4),
-                              keras.layers.Flatten(), keras.layers.Dense(2)])
+    model = keras.Sequential([keras.Input((3,), dtype="int32"), keras.layers.Embedding(20, 4, name="embedding"),
+                              keras.layers.Flatten(), keras.layers.Dense(2, name="dense")])
     defaults, sharded = ShardedAdam(), ShardedAdam(replicate=[])
     for optimizer in (defaults, sharded):
         optimizer.build(model.trainable_variables)

@@ -13,7 +13,7 @@ TOLERANCE = 1e-5
 
 @requires_mpi
 @pytest.mark.timeout(420)
-@pytest.mark.parametrize("workers", [2, 3])
+@pytest.mark.parametrize("workers", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_backend_in_one_file_runs_everything(tmp_path, workers):
     job = run_job(mpirun(workers, "one_file_backend.py", tmp_path / "ckpt"), timeout=360)
     assert job.code == 0, job.out[-6000:]

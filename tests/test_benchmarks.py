@@ -36,6 +36,7 @@ def quick_results(tmp_path_factory):
     return out_dir / "results.json"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_quick_benchmark_passes_the_regression_check(quick_results):
     results = json.loads(quick_results.read_text())
@@ -48,6 +49,7 @@ def test_quick_benchmark_passes_the_regression_check(quick_results):
     assert "FAIL" not in out and "ok  " in out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_check_fails_when_a_guard_regresses(quick_results):
     results = json.loads(quick_results.read_text())
@@ -77,6 +79,7 @@ def test_committed_results_pass_the_check():
     assert not check.check(json.loads(committed.read_text())).failures
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_quick_benchmark_times_and_fits_the_collectives(quick_results):
     """The collective section runs end to end (2 processes, three sizes in
@@ -102,6 +105,7 @@ def test_quick_benchmark_times_and_fits_the_collectives(quick_results):
     assert "alpha-beta model vs measurement" in report.markdown(results)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_quick_benchmark_runs_the_one_process_per_worker_headline(quick_results):
     """The headline section end to end on one small model (2 worker

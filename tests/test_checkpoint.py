@@ -1,5 +1,6 @@
 """Sharded checkpoints: resume exactly, reshard N -> M, integrity, Keras paths."""
 
+import json
 import shutil
 
 import keras
@@ -30,96 +31,94 @@ def relative(a, b):
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
 
 
-def assert_resumed_like_uninterrupted(outs, runs=2, tolerance=1e-5):
-    """Every resumed run in each of ``outs`` (ckpt_run.py resume) reached
-    step 30 with the weights of the uninterrupted run."""
-    for out in outs:
-        result = np.load(out)
-        n_weights = sum(1 for k in result.files if k.startswith("full_w"))
-        for run in range(runs):
-            assert int(result[f"run{run}_iterations"]) == 30
-            worst = max(relative(result[f"run{run}_w{i}"], result[f"full_w{i}"]) for i in range(n_weights))
-            assert worst <= tolerance, (out.name, run, worst)
+# The saving runs: (workers, placement). Each trains 30 steps uninterrupted,
+# saving at 10 and 12 on the way, so its weights at 30 are what a resume of
+# its checkpoint must reach.
+SAVES = {
+    "1": (1, {}), "2": (2, {}), "3": (3, {}), "4": (4, {}),
+    # The Embedding's state replicated: written once, whole.
+    "3_replicated": (3, {"replicate": ["embed"]}),
+    # Hybrid: one copy of the state (group 0's two shards) is written.
+    "4_in_groups_of_2": (4, {"shard_group_size": 2}),
+}
+# The resumes, by worker count: (placement, saved run) pairs. Not every pair:
+# a resume reads element ranges of the global flat state whatever the two
+# layouts, so what matters is how old and new shard boundaries overlap. Every
+# N = 1..4 resumes itself (exact) and one other count; together they take one
+# shard into many (1 -> 4), many into one (4 -> 1), a new shard joined from
+# parts of two old ones and an old one split over two new ones (2 -> 3, 3 ->
+# 2: the dense bucket's 467 elements split at 234, at 156/312, padded for
+# every N > 1); a replicated table into sharded shards and back (3 <-> 2, 3
+# -> 4, 3 -> 3); hybrid groups into one group and groups of one (4 in groups
+# of 2 -> 2 in groups of 1, 4 in groups of 2, and 3 -> both).
+RESUMES = {
+    1: [({}, "1"), ({}, "4")],
+    2: [({}, "2"), ({}, "3"), ({"shard_group_size": 1}, "4_in_groups_of_2"), ({"shard_group_size": 1}, "3")],
+    3: [({}, "3"), ({}, "2"), ({"replicate": ["embed"]}, "3_replicated"), ({"replicate": ["embed"]}, "2")],
+    4: [({}, "4"), ({}, "1"), ({}, "3_replicated"),
+        ({"shard_group_size": 2}, "4_in_groups_of_2"), ({"shard_group_size": 2}, "3")],
+}
 
 
-# Which saved worker counts each worker count resumes from: itself (exact
-# resume) and one other. Not all 16 ordered pairs: each resume is a fresh
-# model, optimizer and traced step in the resuming process, and a resume
-# reads element ranges of the global flat state whatever the two counts, so
-# what matters is how the old and new shard boundaries overlap. The pairs
-# below take every N = 1..4 as a source twice and as a target twice and cover
-# each overlap: one shard into many (1 -> 4), many into one (4 -> 1), a new
-# shard joined from parts of two old ones and an old one split over two new
-# ones (2 -> 3 and 3 -> 2: the dense bucket's 467 elements are split at 234,
-# at 156/312, padded for every N > 1), fewer and more workers. Placements and
-# hybrid group sizes add 3 -> 2, 3 -> 4, 2 -> 2, 2 -> 4 and 4 -> 2 below.
-RESUME_FROM = {1: (1, 4), 2: (2, 3), 3: (3, 2), 4: (4, 1)}
+@pytest.fixture(scope="module")
+def resharding(tmp_path_factory):
+    """Every saving run, then every resume (each phase one process per worker count);
+    returns (saved directories, {N: resumed results})."""
+    root = tmp_path_factory.mktemp("resharding")
+    dirs = {name: root / f"saved_{name}" for name in SAVES}
+    # One process per worker count (its saves one after another).
+    run_all([["ckpt_run.py", n, "save",
+              json.dumps([{"placement": placement, "dir": str(dirs[name])}
+                          for name, (count, placement) in SAVES.items() if count == n])]
+             for n in WORKER_COUNTS])
+    outs = {m: root / f"resumed_on_{m}.npz" for m in RESUMES}
+    run_all([["ckpt_run.py", m, "resume",
+              json.dumps([{"placement": placement, "dir": str(dirs[name])} for placement, name in jobs]), outs[m]]
+             for m, jobs in RESUMES.items()])
+    return dirs, {m: np.load(out) for m, out in outs.items()}
 
 
+def test_resharding_plan_covers_every_worker_count():
+    assert sorted({n for n, _ in SAVES.values()}) == list(WORKER_COUNTS)
+    for m, jobs in RESUMES.items():
+        assert ({}, str(m)) in jobs  # exact resume
+        assert any(SAVES[name][0] != m for _, name in jobs)  # a different count
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_resume_exactly_and_reshard_across_worker_counts(tmp_path):
-    assert sorted(n for sources in RESUME_FROM.values() for n in sources) == sorted(WORKER_COUNTS * 2)
-    assert all(m in RESUME_FROM[m] for m in WORKER_COUNTS)
-    dirs = {n: tmp_path / f"saved_with_{n}" for n in WORKER_COUNTS}
-    run_all([["ckpt_run.py", n, "save", dirs[n]] for n in WORKER_COUNTS])
-    for n in WORKER_COUNTS:  # max_to_keep=2 kept both saves
-        assert [p.name for p in sorted(dirs[n].glob("ckpt-*"))] == ["ckpt-000000000010", "ckpt-000000000012"]
-    outs = {m: tmp_path / f"resumed_on_{m}.npz" for m in WORKER_COUNTS}
-    run_all([["ckpt_run.py", m, "resume", ",".join(str(dirs[n]) for n in RESUME_FROM[m]), outs[m]]
-             for m in WORKER_COUNTS])
-
-    for m in WORKER_COUNTS:
-        result = np.load(outs[m])
-        n_weights = sum(1 for k in result.files if k.startswith("full_w"))
-        assert not any(k.startswith(f"run{len(RESUME_FROM[m])}_") for k in result.files)
-        for run, n in enumerate(RESUME_FROM[m]):
-            assert int(result[f"run{run}_iterations"]) == 30
-            assert float(result[f"run{run}_lr"]) == float(result["full_lr"])  # schedule step identical
-            worst = max(relative(result[f"run{run}_w{i}"], result[f"full_w{i}"]) for i in range(n_weights))
-            # Same worker count: resume is exact. Different: same trajectory up
-            # to float reassociation of the reduction.
-            assert worst <= (1e-6 if n == m else 1e-5), (n, m, worst)
-
-
-@pytest.mark.timeout(900)
-def test_reshard_across_placements(tmp_path):
-    """A replicated table is written once, whole, and every placement reads
-    element ranges: save on 3 workers with the Embedding's state replicated and
-    on 2 with everything sharded, resume each on 2 (replicated) and 4 (sharded)."""
-    replicated = {"CKPT_PLACEMENT": '{"replicate": ["embed"]}'}
-    saved = {"replicated3": tmp_path / "replicated3", "sharded2": tmp_path / "sharded2"}
-    run_all([(["ckpt_run.py", 3, "save", saved["replicated3"]], replicated),
-             ["ckpt_run.py", 2, "save", saved["sharded2"]]])
-    manifest = (saved["replicated3"] / "ckpt-000000000012" / "manifest.json").read_text()
+def test_checkpoints_are_written_as_configured(resharding):
+    dirs, _ = resharding
+    for name in SAVES:  # max_to_keep=2 kept both saves
+        assert [p.name for p in sorted(dirs[name].glob("ckpt-*"))] == ["ckpt-000000000010", "ckpt-000000000012"]
+    manifest = (dirs["3_replicated"] / "ckpt-000000000012" / "manifest.json").read_text()
     assert '"placement": "replicated"' in manifest and '"placement": "sharded"' in manifest
-    sources = f"{saved['replicated3']},{saved['sharded2']}"
-    outs = {"replicated2": tmp_path / "on2.npz", "sharded4": tmp_path / "on4.npz"}
-    run_all([(["ckpt_run.py", 2, "resume", sources, outs["replicated2"]], replicated),
-             ["ckpt_run.py", 4, "resume", sources, outs["sharded4"]]])
-    assert_resumed_like_uninterrupted(outs.values())
-
-
-@pytest.mark.timeout(900)
-def test_reshard_across_group_sizes(tmp_path):
-    """Hybrid sharding writes one copy of the state (group 0's shards) and
-    restores onto any worker count and group size: save on 4 workers in
-    groups of 2 and on 3 workers (one group), resume each on 2 workers in
-    groups of 1 and on 4 workers in groups of 2."""
-    def groups(size):
-        return {"CKPT_PLACEMENT": f'{{"shard_group_size": {size}}}'}
-
-    saved = {"groups_of_2": tmp_path / "four_in_groups_of_2", "one_group": tmp_path / "three"}
-    run_all([(["ckpt_run.py", 4, "save", saved["groups_of_2"]], groups(2)),
-             ["ckpt_run.py", 3, "save", saved["one_group"]]])
-    latest = saved["groups_of_2"] / "ckpt-000000000012"
+    latest = dirs["4_in_groups_of_2"] / "ckpt-000000000012"
     assert sorted(p.name for p in latest.glob("shard-*")) == ["shard-00000-of-00002.npz", "shard-00001-of-00002.npz"]
-    sources = f"{saved['groups_of_2']},{saved['one_group']}"
-    outs = {"groups_of_1": tmp_path / "on2.npz", "groups_of_2": tmp_path / "on4.npz"}
-    run_all([(["ckpt_run.py", 2, "resume", sources, outs["groups_of_1"]], groups(1)),
-             (["ckpt_run.py", 4, "resume", sources, outs["groups_of_2"]], groups(2))])
-    assert_resumed_like_uninterrupted(outs.values())
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("workers", sorted(RESUMES))
+def test_resume_exactly_and_reshard(resharding, workers):
+    """Every resume reaches step 30 on the trajectory of the run it resumes:
+    exactly when nothing changed, up to float reassociation of the reduction
+    when the worker count or the placement did."""
+    dirs, resumed = resharding
+    result = resumed[workers]
+    for run, (placement, name) in enumerate(RESUMES[workers]):
+        uninterrupted = np.load(f"{dirs[name]}.uninterrupted.npz")
+        n_weights = sum(1 for k in uninterrupted.files if k.startswith("w"))
+        assert int(result[f"run{run}_iterations"]) == int(uninterrupted["iterations"]) == 30
+        # The schedule resumed at the same step.
+        assert float(result[f"run{run}_lr"]) == float(uninterrupted["lr"])
+        worst = max(relative(result[f"run{run}_w{i}"], uninterrupted[f"w{i}"]) for i in range(n_weights))
+        same = SAVES[name] == (workers, placement)
+        assert worst <= (1e-6 if same else 1e-5), (name, placement, worst)
+    assert not any(k.startswith(f"run{len(RESUMES[workers])}_") for k in result.files)
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_keras_backup_and_restore_resumes_model_fit(tmp_path):
     out = tmp_path / "backup.npz"

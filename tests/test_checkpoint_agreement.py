@@ -10,6 +10,7 @@ import pytest
 from test_faults import assert_no_survivors, launch
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_processes_agree_on_the_step_and_read_only_their_files(tmp_path):
     code, out, _ = launch(["--nproc", 2, "--timeout", 480, "ckpt_agree.py", tmp_path / "ckpt"], timeout=540)

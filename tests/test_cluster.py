@@ -417,6 +417,7 @@ def test_strategy_from_env(kind, expected):
     assert result.stdout.strip().splitlines()[-1].startswith(expected), result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_mpirun_main_job_resolves_peers_through_mpi(tmp_path):
     """``mpirun -np 2 python train.py``, no TF_CONFIG: the Open MPI variables

@@ -558,6 +558,7 @@ def assert_ranks_agree(directory, pattern, ranks):
 FEW_STEPS = ["--epochs", "1", "--max-steps", str(EXECUTION_STEPS)]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_indexed_job_runs_multi_worker_training(tmp_path):
     """Job controller: JOB_COMPLETION_INDEX and hostname <job>-<index>; cluster
@@ -588,6 +589,7 @@ def test_indexed_job_runs_multi_worker_training(tmp_path):
                        job["spec"]["completions"])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_tfjob_runs_multi_worker_training(tmp_path):
     """training-operator: TF_CONFIG in the container named 'tensorflow', with
@@ -624,6 +626,7 @@ def horovod_available():
     return probe.returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_mpijob_runs_horovod_training(tmp_path):
     """mpi-operator: the launcher's own command (horovodrun ... --hostfile

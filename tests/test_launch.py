@@ -118,6 +118,7 @@ def single_process_reference(tmp_path_factory):
     return load_weights(out)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("nproc, launcher", [(2, "console script"), (3, "python -m")])
 def test_launcher_trains_main_job_like_one_process(nproc, launcher, tmp_path, single_process_reference):
@@ -147,6 +148,7 @@ def test_launcher_trains_main_job_like_one_process(nproc, launcher, tmp_path, si
     assert max_relative_difference(per_rank[0], single_process_reference) <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_one_worker_with_logical_devices(tmp_path, single_process_reference):
     """--nproc 1 --devices-per-worker 3: MirroredStrategy over 3 logical CPUs."""

@@ -7,15 +7,44 @@ import pytest
 from conftest import finish, kill_group, start_worker
 
 
-def run(replicas, wrap, options=None):
-    proc = start_worker(["nonfinite.py", replicas, wrap, json.dumps(options or {})])
+# Every run of one N trains in one worker process (one strategy per process).
+SKIP_RUNS = {
+    "inf": {"poison": "inf"},
+    "global_clipnorm": {"kwargs": {"global_clipnorm": 0.5}},
+    "ema_weight_decay": {"kwargs": {"use_ema": True, "ema_overwrite_frequency": 2, "weight_decay": 0.01}},
+    # Step 2 is a micro-step that only accumulates, step 5 applies the update.
+    "accumulation": {"kwargs": {"gradient_accumulation_steps": 2}, "poison_steps": [2, 5]},
+    "amsgrad_clipnorm_inf": {"kwargs": {"amsgrad": True, "clipnorm": 0.5}, "poison": "inf", "poison_steps": [0, 4]},
+    # A finite gradient whose square overflows float32: the state would turn
+    # inf, then NaN, and every later step would be skipped (the model frozen).
+    "overflowing_square": {"poison": "overflow", "poison_steps": [1]},
+    "overflowing_square_amsgrad": {"kwargs": {"amsgrad": True}, "poison": "overflow", "poison_steps": [2, 3]},
+}
+RUNS = {
+    2: {"plain": {}, "loss_scale": {"wrap": "loss_scale"}, "keras_loss_scale": {"wrap": "keras_loss_scale"},
+        **SKIP_RUNS},
+    3: {"plain": {}},
+}
+
+
+@pytest.fixture(scope="module")
+def results():
+    """{N: {run name: result}}: one worker process per N, running its runs
+    one after another."""
+    procs = {n: start_worker(["nonfinite.py", n, json.dumps([{"name": k, **v} for k, v in runs.items()])])
+             for n, runs in RUNS.items()}
     try:
-        out = finish(proc, timeout=240)
+        outs = {n: finish(proc, timeout=400) for n, proc in procs.items()}
     finally:
-        kill_group(proc)
-    assert proc.returncode == 0, out[-5000:]
-    line = next(l for l in out.splitlines() if l.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+        for proc in procs.values():
+            kill_group(proc)
+    parsed = {}
+    for n, proc in procs.items():
+        assert proc.returncode == 0, outs[n][-5000:]
+        rows = [json.loads(line[len("RESULT "):]) for line in outs[n].splitlines() if line.startswith("RESULT ")]
+        parsed[n] = {row["name"]: row for row in rows}
+        assert sorted(parsed[n]) == sorted(RUNS[n]), outs[n][-3000:]
+    return parsed
 
 
 def check_skipped_everywhere(result):
@@ -27,32 +56,22 @@ def check_skipped_everywhere(result):
     assert [r["iterations"] for r in history] == [1, 2, 3, 3, 4, 5]
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("replicas", [2, 3])
-def test_sharded_adam_skips_globally(replicas):
-    result = run(replicas, "plain")
+def test_sharded_adam_skips_globally(results, replicas):
+    result = results[replicas]["plain"]
     check_skipped_everywhere(result)
     assert result["skipped"] == 1
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("case", [
-    {"poison": "inf"},
-    {"kwargs": {"global_clipnorm": 0.5}},
-    {"kwargs": {"use_ema": True, "ema_overwrite_frequency": 2, "weight_decay": 0.01}},
-    # Step 2 is a micro-step that only accumulates, step 5 applies the update.
-    {"kwargs": {"gradient_accumulation_steps": 2}, "poison_steps": [2, 5]},
-    {"kwargs": {"amsgrad": True, "clipnorm": 0.5}, "poison": "inf", "poison_steps": [0, 4]},
-    # A finite gradient whose square overflows float32: the state would turn
-    # inf, then NaN, and every later step would be skipped (the model frozen).
-    {"poison": "overflow", "poison_steps": [1]},
-    {"kwargs": {"amsgrad": True}, "poison": "overflow", "poison_steps": [2, 3]},
-], ids=["inf", "global_clipnorm", "ema_weight_decay", "accumulation", "amsgrad_clipnorm_inf",
-        "overflowing_square", "overflowing_square_amsgrad"])
-def test_skipped_step_leaves_no_trace(case):
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("case", sorted(SKIP_RUNS))
+def test_skipped_step_leaves_no_trace(results, case):
     """A skipped step is as if its batch never came: the final weights equal
     those of a run without the poisoned batches."""
-    result = run(2, "plain", case)
+    result = results[2][case]
     poisoned = result["poison_steps"]
     assert result["skipped"] == len(poisoned)
     assert result["raw_iterations"] == result["clean_raw_iterations"] == 6 - len(poisoned)
@@ -63,39 +82,30 @@ def test_skipped_step_leaves_no_trace(case):
     assert result["max_difference_to_clean_run"] <= 1e-6, result
 
 
-@pytest.mark.timeout(300)
-def test_wrapped_loss_scale_is_reduced_on_every_replica():
-    result = run(2, "loss_scale")
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_wrapped_loss_scale_is_reduced_on_every_replica(results):
+    result = results[2]["loss_scale"]
     check_skipped_everywhere(result)
     scales = [r["scale"] for r in result["history"]]
     assert scales[result["poison_step"]] == scales[0] / 2
 
 
-@pytest.mark.timeout(300)
-def test_keras_loss_scale_misses_remote_nan_but_shards_stay_consistent():
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_keras_loss_scale_misses_remote_nan_but_shards_stay_consistent(results):
     """Keras' own LossScaleOptimizer acts on replica 0's local check, so a NaN on
     another replica does not lower the scale; ShardedAdam still skips the step
     everywhere (which is why distadam.LossScaleOptimizer exists)."""
-    result = run(2, "keras_loss_scale")
+    result = results[2]["keras_loss_scale"]
     check_skipped_everywhere(result)
     assert result["skipped"] == 1
     scales = [r["scale"] for r in result["history"]]
     assert scales[result["poison_step"]] == scales[0]
 
 
-@pytest.mark.timeout(300)
-def test_padding_never_decides_a_step(run_worker):
-    """epsilon=0 on 3 workers: padding elements compute 0/0 = NaN, which must
-    not skip steps (N=1, without padding, trains). The model is dense so that
-    every real element gets a gradient and Keras Adam stays finite too."""
-    case = {"name": "epsilon_zero_padded", "kwargs": {"epsilon": 0.0}, "model": "dense", "steps": 20}
-    out, code = run_worker(["equivalence.py", 3, json.dumps([case])], timeout=240)
-    assert code == 0, out[-4000:]
-    row = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
-    assert any(entry["padding"] for entry in row["layout"]), "the case needs padded shards"
-    assert row["skipped_steps"] == 0, row
-    assert row["reference_moved"] > 1e-2
-    assert row["max_rel_diff"] <= 1e-5, row
+# (Padding never decides a step: test_equivalence's "epsilon_zero_padded"
+# case, epsilon=0 at N = 3, where padding computes 0/0.)
 
 
 # ---------------------------------------------------------------- in process

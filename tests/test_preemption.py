@@ -103,6 +103,7 @@ def preempt(tmp_path, victims, **extra):
     return codes, saved, job
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_sigterm_to_one_worker_checkpoints_the_current_step_everywhere_and_resumes_exactly(tmp_path):
     codes, saved, job = preempt(tmp_path, victims=[1])
@@ -136,6 +137,7 @@ def test_sigterm_to_one_worker_checkpoints_the_current_step_everywhere_and_resum
             np.testing.assert_array_equal(a[key], b[key])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_sigterm_to_process_0_and_to_both_workers(tmp_path):
     for victims in ([0], [0, 1]):

@@ -32,6 +32,7 @@ def threads_of(pid):
         return None
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_main_job_thread_count_does_not_grow_with_steps(tmp_path):
     proc = subprocess.Popen(

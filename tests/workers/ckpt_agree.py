@@ -112,3 +112,4 @@ if rank == 0:
         handle.write(b"corrupted by the test")
 barrier(optimizer)
 restore("one-rank-bad-file")
+common.exit_now(strategy)

@@ -161,6 +161,17 @@ def make_train_step(strategy, model, optimizer):
 _LIVE_ITERATORS = []
 
 
+def live_iterator(distributed_dataset):
+    """An iterator over ``distributed_dataset`` kept for the process's
+    lifetime: deleting a MultiWorkerMirroredStrategy iterator blocks its
+    worker for up to a minute (TensorFlow 2.21, 12 processes; the other
+    workers then wait for it in the next collective). Take exactly the
+    batches a run needs: asking for one past the end costs as much."""
+    iterator = iter(distributed_dataset)
+    _LIVE_ITERATORS.append(iterator)
+    return iterator
+
+
 def train_custom_loop(strategy, model, optimizer, data, steps, finalize=True):
     """strategy.run + apply_gradients, the loss averaged over the global batch."""
     (tokens, features), targets = data
@@ -170,13 +181,7 @@ def train_custom_loop(strategy, model, optimizer, data, steps, finalize=True):
     dist = strategy.experimental_distribute_dataset(dataset)
     train_step = make_train_step(strategy, model, optimizer)
 
-    # Exactly `steps` batches, and the iterator is kept for the process's
-    # lifetime: deleting a MultiWorkerMirroredStrategy iterator blocks its
-    # worker for up to a minute (TensorFlow 2.21, 12 processes; the workers
-    # then wait for it in the next collective), as does asking it for a batch
-    # past the end.
-    batches = iter(dist)
-    _LIVE_ITERATORS.append(batches)
+    batches = live_iterator(dist)
     for _ in range(steps):
         train_step(*next(batches))
     if finalize:
@@ -215,16 +220,20 @@ def group_ops(optimizer):
     return "emulated" if view.emulated else "direct"
 
 
-def exit_now(strategy=None):
+def exit_now(strategy=None, before=None):
     """End a test worker whose results are written: flush and exit at once.
     TensorFlow's interpreter teardown with a distribution strategy can take
     minutes on a loaded machine (measured: a 45 s MirroredStrategy run took
     up to 5 min when another ran beside it, idle in teardown), and a
     MultiWorkerMirroredStrategy's waits for its peers' heartbeats to stop.
     With a multi-worker ``strategy``, one collective first, as a barrier, so
-    no worker leaves while another still needs it."""
+    no worker leaves while another still needs it. ``before``: called last
+    (e.g. ``hvd.shutdown`` or ``MPI.Finalize``: mpirun fails a rank that left
+    without finalizing)."""
     if strategy is not None and strategy.num_replicas_in_sync > 1:
         strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None)
+    if before is not None:
+        before()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -5,12 +5,14 @@ usage: python equivalence.py N CASES_JSON
 """
 
 import json
+import os
 import sys
 import time
 
 import numpy as np
 
 import common  # noqa: F401  (sets TF logging before TF loads)
+import reference
 
 num_replicas = int(sys.argv[1])
 cases = json.loads(sys.argv[2])
@@ -19,18 +21,23 @@ common.use_logical_cpus(num_replicas)
 import tensorflow as tf  # noqa: E402
 
 import distadam  # noqa: E402
+from distadam.collectives.tf_distribute import DIRECT_COLLECTIVES_ENV  # noqa: E402
 
 strategy = tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(num_replicas)])
-default = tf.distribute.get_strategy()
+direct_default = os.environ.get(DIRECT_COLLECTIVES_ENV, "1")
 
 for case in cases:
     started = time.perf_counter()
     steps = case.get("steps", 60)
     data = common.make_data(steps, scale=case.get("target_scale", 1.0))
+    fit = case.get("mode", "custom") == "fit"
+    expected = reference.get(case, steps, "fit" if fit else "custom")
+    reference_done = time.perf_counter()
 
     dense = case.get("model") == "dense"
-    reference_model = common.make_model(dense=dense)
-    reference_opt = common.configure(common.DenseGradientAdam(**common.build_kwargs(case, reference=True)), case)
+    # "portable": this case's optimizer takes the public-API collectives (the
+    # backend reads the switch when the optimizer is built).
+    os.environ[DIRECT_COLLECTIVES_ENV] = "0" if case.get("portable") else direct_default
     with strategy.scope():
         model = common.make_model(dense=dense)
         opt = common.configure(distadam.ShardedAdam(**common.build_kwargs(case)), case)
@@ -40,35 +47,26 @@ for case in cases:
             # first build inside the traced step makes TF trace it again).
             opt.build(model.trainable_variables)
 
-    if case.get("mode", "custom") == "fit":
+    if fit:
         (tokens, features), targets = data
-        reference_model.compile(optimizer=reference_opt, loss="mse")
-        reference_model.fit([tokens, features], targets, batch_size=common.GLOBAL_BATCH,
-                            shuffle=False, verbose=0)
-        reference_done = time.perf_counter()
         model.compile(optimizer=opt, loss="mse", jit_compile=case.get("jit_compile", "auto"))
         model.fit([tokens, features], targets, batch_size=common.GLOBAL_BATCH, shuffle=False, verbose=0)
     else:
-        common.train_custom_loop(default, reference_model, reference_opt, data, steps)
-        reference_done = time.perf_counter()
         common.train_custom_loop(strategy, model, opt, data, steps)
 
     weights = model.get_weights()
-    reference = reference_model.get_weights()
-    moved = common.max_relative_difference(common.make_model(dense=dense).get_weights(), reference)
     result = {
         "case": case["name"],
         "replicas": num_replicas,
-        "max_rel_diff": common.max_relative_difference(weights, reference),
-        "reference_moved": moved,
+        "max_rel_diff": common.max_relative_difference(weights, expected.weights),
+        "reference_moved": expected.initial_moved,
         "iterations": int(opt.iterations.numpy()),
-        "reference_iterations": int(reference_opt.iterations.numpy()),
-        "clipped_updates": reference_opt.clipped_updates(),
+        "reference_iterations": expected.iterations,
+        "clipped_updates": expected.clipped_updates,
         "state_bytes_per_device": opt.state_bytes_per_device(),
         "direct_collectives": opt.collectives.uses_direct_collectives,
-        "reference_state_bytes": int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize
-                                         for v in reference_opt.variables
-                                         if v.name not in ("iteration", "learning_rate"))),
+        "fused_update": opt.fused_update,
+        "reference_state_bytes": expected.state_bytes,
         "param_counts": [int(np.prod(v.shape)) for v in model.trainable_variables],
         "layout": opt.shard_layout(),
         "placements": ["replicated" if b.replicated else "sharded" for b in opt.layout.buckets],

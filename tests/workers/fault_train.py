@@ -20,7 +20,10 @@ import common
 
 import distadam  # noqa: E402
 
-T, EVERY, BOUND_SECONDS = 16, 5, 30
+# The stall bound: past the first step's tracing (op by op, a few seconds
+# even with another job on the 2 cores), short enough that a test's wait for
+# it stays small.
+T, EVERY, BOUND_SECONDS = 16, 5, 20
 # How a stalled peer is bounded: distadam's one-thread watchdog (the default,
 # as in examples/train_digits.py) or TensorFlow's per-collective timeout.
 BOUND = os.environ.get("DISTADAM_FAULT_BOUND", "watchdog")
@@ -38,7 +41,7 @@ rank = int(os.environ.get("DISTADAM_RANK", "0"))
 
 with strategy.scope():
     model = common.make_model()
-    optimizer = distadam.ShardedAdam(learning_rate=0.01, global_clipnorm=0.05)
+    optimizer = distadam.ShardedAdam(learning_rate=0.01, global_clipnorm=0.05, fused_update=False)
     optimizer.build(model.trainable_variables)
 manager = ShardedCheckpointManager(ckpt_dir, model, optimizer, max_to_keep=2)
 restored = manager.restore()
@@ -83,3 +86,4 @@ if watchdog is not None:
 np.savez(f"{out_prefix}-rank{rank}.npz", *model.get_weights(),
          iterations=np.array(int(optimizer.iterations.numpy())))
 print(f"rank {rank}: finished at step {int(optimizer.iterations.numpy())}", flush=True)
+common.exit_now(strategy)

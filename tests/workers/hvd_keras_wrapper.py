@@ -61,3 +61,4 @@ if rank == 0:
         "final_weights": gathered,
         "errors": {k: v for k, v in results.items() if not isinstance(v, float)},
     }, rank)
+common.exit_now(before=hvd.shutdown)

@@ -13,6 +13,7 @@ import numpy as np
 
 import common  # noqa: F401  (sets TF logging before TF loads)
 from mpi_results import emit  # noqa: E402
+import reference  # noqa: E402
 
 from distadam.mpi_rendezvous import rendezvous_tf_config  # noqa: E402
 
@@ -53,10 +54,9 @@ def train_sharded(case, data, steps):
     dataset = strategy.distribute_datasets_from_function(dataset_fn)
 
     step = common.make_train_step(strategy, model, optimizer)
-    for i, batch in enumerate(dataset):
-        if i >= steps:
-            break
-        step(*batch)
+    batches = common.live_iterator(dataset)
+    for _ in range(steps):
+        step(*next(batches))
     return model, optimizer
 
 
@@ -66,23 +66,20 @@ for case in json.loads(sys.argv[1]):
     model, optimizer = train_sharded(case, data, steps)
     if rank != 0:
         continue
-    ref_model = common.make_model()
-    ref_opt = common.configure(common.DenseGradientAdam(**common.build_kwargs(case, reference=True)), case)
-    common.train_custom_loop(tf.distribute.get_strategy(), ref_model, ref_opt, data, steps)
+    expected = reference.get(case, steps)
     emit({
         "case": case["name"],
         "workers": size,
         "tf_config": tf_config,
         "strategy": type(strategy).__name__,
         "backend": type(optimizer.collectives).__name__,
-        "max_rel_diff": common.max_relative_difference(model.get_weights(), ref_model.get_weights()),
+        "max_rel_diff": common.max_relative_difference(model.get_weights(), expected.weights),
         "iterations": int(optimizer.iterations.numpy()),
         "state_bytes": int(sum(optimizer.state_bytes_per_device().values())),
-        "reference_state_bytes": int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize
-                                         for v in ref_opt.variables
-                                         if v.name not in ("iteration", "learning_rate"))),
-        "clipped_updates": ref_opt.clipped_updates(),
+        "reference_state_bytes": expected.state_bytes,
+        "clipped_updates": expected.clipped_updates,
         "buckets": len(optimizer.layout.buckets),
         "placements": ["replicated" if b.replicated else "sharded" for b in optimizer.layout.buckets],
         "launches": dict(optimizer.collectives.launches),
     }, rank)
+common.exit_now(strategy)

@@ -105,3 +105,4 @@ emit({
     "buckets": len(optimizer.layout.buckets),
 }, rank)
 keras.backend.clear_session()
+common.exit_now(before=MPI.Finalize)

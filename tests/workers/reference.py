@@ -160,3 +160,4 @@ if __name__ == "__main__":
     cases, out_dir = json.loads(sys.argv[1]), Path(sys.argv[2])
     for index, case in enumerate(cases):
         save(out_dir / f"ref-{index}.npz", get(case, case["steps"], case.get("mode", "custom")))
+    common.exit_now()
