@@ -24,6 +24,7 @@ wait for one of them to train a reference between collectives:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -151,8 +152,14 @@ def get(case: dict, steps: int, loop: str = "custom", repeat: int = 1) -> Refere
     path = Path(directory) / f"{key(case, steps, loop, repeat)}.npz"
     if path.exists():
         return load(path)
-    arrays = train(case, steps, loop, repeat)
-    save(path, arrays)
+    # Processes that start together (the N of test_equivalence) need the same
+    # references: one trains each, the others wait for its file.
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            return load(path)
+        arrays = train(case, steps, loop, repeat)
+        save(path, arrays)
     return Reference(arrays)
 
 
