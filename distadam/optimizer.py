@@ -570,7 +570,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
         width = bucket.shard_size + int(trailer.shape[0])
         gathered = collectives.all_gather(tf.concat([params, trailer], axis=0), name=name)
         rows = tf.reshape(gathered, [collectives.num_workers, width])
-        fingerprints = rows[:, bucket.shard_size:bucket.shard_size + 2]
+        fingerprints = rows[:, bucket.shard_size:bucket.shard_size + int(fingerprint.shape[0])]
         same_layout = tf.debugging.assert_equal(
             fingerprints, tf.broadcast_to(fingerprint, tf.shape(fingerprints)),
             message=(

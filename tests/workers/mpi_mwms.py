@@ -9,8 +9,6 @@ import json
 import os
 import sys
 
-import numpy as np
-
 import common  # noqa: F401  (sets TF logging before TF loads)
 from mpi_results import emit  # noqa: E402
 import reference  # noqa: E402
