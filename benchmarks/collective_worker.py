@@ -23,6 +23,8 @@ import re
 import statistics
 import time
 
+from harness import steps
+
 KINDS = ("all_reduce", "reduce_scatter", "all_gather")
 MAX_ELEMENTS = 1 << 24  # 64 MB of float32 per buffer: plenty for a 2-core host
 
@@ -57,15 +59,15 @@ parser.add_argument("--repetitions", type=_bounded(1, 1000), default=15, help="t
 parser.add_argument("--warmup", type=_bounded(1, 100), default=2, help="untimed calls first (tracing, buffers)")
 parser.add_argument("--out", required=True)
 ARGS = parser.parse_args()
+steps.quiet_tensorflow()
 
-import harness  # noqa: E402  (sets TF logging before TF loads)
 import tensorflow as tf  # noqa: E402
 
 from distadam.collectives.tf_distribute import DistributeCollectives  # noqa: E402
 
 # inter_op_threads=1: ops one at a time, collectives on their own threads, as
 # in the step benchmark (mwms_worker.py), so both measure the same set-up.
-STRATEGY, N, RANK = harness.multiprocess_worker(1)
+STRATEGY, N, RANK = steps.multiprocess_worker(1)
 # One tf.function per (kind, size) is the point here, not accidental
 # retracing: silence TensorFlow's warning about it.
 tf.get_logger().setLevel("ERROR")

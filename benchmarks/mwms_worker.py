@@ -20,6 +20,8 @@ import argparse
 import json
 import time
 
+from harness import accounting, collectives, models, steps, timing
+
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--models", default="dense_update_bound,dense_compute_bound,embedding,transformer")
 parser.add_argument("--repetitions", type=int, default=11)
@@ -31,14 +33,15 @@ parser.add_argument("--no-floors", dest="floors", action="store_false",
                     help="skip the communication floors (gradients alone; gradients + each optimizer's collectives)")
 parser.add_argument("--out", required=True)
 ARGS = parser.parse_args()
+steps.quiet_tensorflow()
 
-import harness  # noqa: E402  (sets TF logging before TF loads)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import distadam  # noqa: E402
+from distadam import cost_model  # noqa: E402
 
-STRATEGY, N, RANK = harness.multiprocess_worker(ARGS.inter_op_threads)
+STRATEGY, N, RANK = steps.multiprocess_worker(ARGS.inter_op_threads)
 
 # ShardedAdam variants timed against Keras Adam, per model: the defaults, for
 # the embedding model the other placement of the table's state (the default
@@ -53,13 +56,13 @@ MODEL_VARIANTS = {"embedding": ("default", "table_sharded"), "dense_compute_boun
 
 
 def state_bytes(optimizer, model):
-    return sum(harness.optimizer_state_bytes(optimizer, model.trainable_variables).values())
+    return sum(accounting.optimizer_state_bytes(optimizer, model.trainable_variables).values())
 
 
 def ring_bytes(calls):
     """Bytes each worker sends per step for the backend calls recorded while
-    tracing one step (ring cost model, see harness.ring_bytes_sent)."""
-    return sum(harness.ring_bytes_sent(kind, nbytes, N) for kind, nbytes in calls)
+    tracing one step (distadam.cost_model's ring table)."""
+    return sum(cost_model.bytes_sent(kind, N, nbytes) for kind, nbytes in calls)
 
 
 def keras_bytes(model, grads_sparse_rows):
@@ -67,14 +70,14 @@ def keras_bytes(model, grads_sparse_rows):
     dense gradients, and an all-gather of each sparse gradient's rows
     (values and int32 indices)."""
     dense = sum(int(np.prod(v.shape)) * 4 for v in model.trainable_variables if v.path not in grads_sparse_rows)
-    rows = sum(count * (width * 4 + 4) for count, width in grads_sparse_rows.values())
-    return harness.ring_bytes_sent("all_reduce", dense, N) + harness.ring_bytes_sent("all_gather", rows, N)
+    rows = sum(cost_model.sparse_rows_bytes(count, width, 4) for count, width in grads_sparse_rows.values())
+    return cost_model.bytes_sent("all_reduce", N, dense) + cost_model.bytes_sent("all_gather", N, rows)
 
 
 def time_model(name):
-    spec = harness.MULTIPROCESS_MODELS[name]
+    spec = models.MULTIPROCESS_MODELS[name]
     runners, info = {}, {}
-    x, y = harness.multiprocess_batch(STRATEGY, spec, RANK)
+    x, y = steps.multiprocess_batch(STRATEGY, spec, RANK)
     optimizers = {"adam": lambda: keras.optimizers.Adam()}
     for variant in MODEL_VARIANTS.get(name, ("default",)):
         optimizers[variant] = lambda v=variant: distadam.ShardedAdam(**VARIANTS[v])
@@ -89,9 +92,9 @@ def time_model(name):
             table = next(v for v in model.trainable_variables if "embeddings" in v.path)
             sparse_rows = {table.path: (spec["batch"] * spec["x"][1][0], int(table.shape[1]))}
         sharded = isinstance(optimizer, distadam.ShardedAdam)
-        recorder = harness.CallRecorder(optimizer.collectives) if sharded else None
-        step = harness.multiprocess_step(STRATEGY, model, optimizer, spec["batch"] * N)
-        runners[label] = (lambda s=step: float(STRATEGY.experimental_local_results(s(x, y))[0]))
+        recorder = collectives.CallRecorder(optimizer.collectives) if sharded else None
+        step = steps.multiprocess_step(STRATEGY, model, optimizer, spec["batch"] * N)
+        runners[label] = steps.runner(STRATEGY, step, x, y)
         runners[label]()  # trace (and record the collectives) once, outside the timing
         info[label] = {
             "state_bytes": state_bytes(optimizer, model),
@@ -106,18 +109,18 @@ def time_model(name):
     if ARGS.floors:
         floor_steps, floor_launches = floor_runners(spec, x, y)
         runners.update(floor_steps)
-    samples = harness.interleaved_timing(runners, ARGS.repetitions, ARGS.steps, ARGS.warmup)
+    samples = timing.interleaved_timing(runners, ARGS.repetitions, ARGS.steps, ARGS.warmup)
     floors = {k: samples.pop(k) for k in FLOORS if k in samples}
     result = {"workers": N, "per_worker_batch": spec["batch"], "optimizers": info,
-              "times": {k: harness.time_stats(v) for k, v in samples.items()},
-              "ratios": {k: harness.ratio_stats(samples[k], samples["adam"]) for k in samples if k != "adam"},
+              "times": {k: timing.time_stats(v) for k, v in samples.items()},
+              "ratios": {k: timing.ratio_stats(samples[k], samples["adam"]) for k in samples if k != "adam"},
               "samples": samples}
     if floors:
         result["floors"] = {
-            "times": {k: harness.time_stats(v) for k, v in floors.items()},
+            "times": {k: timing.time_stats(v) for k, v in floors.items()},
             # The best ratio ShardedAdam's collectives allow (a free update),
             # and where Keras Adam's own collectives put it.
-            "ratios": {k: harness.ratio_stats(v, samples["adam"]) for k, v in floors.items()},
+            "ratios": {k: timing.ratio_stats(v, samples["adam"]) for k, v in floors.items()},
             "samples": floors,
             # The collectives the floor traced: the same as ShardedAdam's step.
             "sharded_collectives_launches": floor_launches,
@@ -127,7 +130,7 @@ def time_model(name):
 
 # Steps timed next to the optimizers, interleaved with them: forward/backward
 # alone, and forward/backward + each optimizer's collectives without its math
-# (harness.multiprocess_exchange_step). What a step costs beyond its
+# (steps.multiprocess_exchange_step). What a step costs beyond its
 # communication floor is the optimizer's own work.
 FLOORS = ("grads_only", "keras_collectives", "sharded_collectives")
 
@@ -141,11 +144,11 @@ def floor_runners(spec, x, y):
             if optimizer is not None:
                 optimizer.build(model.trainable_variables)
         if label == "grads_only":
-            step = harness.multiprocess_step(STRATEGY, model, None, spec["batch"] * N)
+            step = steps.multiprocess_step(STRATEGY, model, None, spec["batch"] * N)
         else:
-            exchange = harness.keras_exchange if optimizer is None else harness.sharded_exchange(optimizer)
-            step = harness.multiprocess_exchange_step(STRATEGY, model, spec["batch"] * N, exchange)
-        runners[label] = (lambda s=step: float(STRATEGY.experimental_local_results(s(x, y))[0]))
+            exchange = steps.keras_exchange if optimizer is None else steps.sharded_exchange(optimizer)
+            step = steps.multiprocess_exchange_step(STRATEGY, model, spec["batch"] * N, exchange)
+        runners[label] = steps.runner(STRATEGY, step, x, y)
         runners[label]()  # trace once, outside the timing
         if optimizer is not None:
             launches = dict(optimizer.collectives.launches)

@@ -44,7 +44,7 @@ def rows(node_type=NODE_TYPE, dtype=DTYPE):
 
 def table(node_type=NODE_TYPE, dtype=DTYPE) -> str:
     net = cost_model.PRESETS[node_type]
-    t, b = planner._fmt_time, planner._fmt
+    t, b = planner.fmt_time, planner.fmt_bytes
     lines = [
         f"*Predictions of the alpha-beta model, not measurements* (`python benchmarks/plan_table.py`; node type "
         f"`{node_type}`: {net.description}; {net.gpus_per_node} GPUs per node; {dtype} parameters, gradients and "

@@ -21,6 +21,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from harness import models, steps, timing
+
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="dense_update_bound")
 parser.add_argument("--variants", default="forward_backward;keras_adam;sharded",
@@ -35,15 +37,15 @@ parser.add_argument("--inter-op-threads", type=int, default=1,
                     help="TensorFlow inter-op threads (default 1, as the benchmark; 0: TensorFlow's default)")
 parser.add_argument("--out", default=None)
 ARGS = parser.parse_args()
+steps.quiet_tensorflow()
 
-import harness  # noqa: E402
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import distadam  # noqa: E402
 
-STRATEGY, N, RANK = harness.multiprocess_worker(ARGS.inter_op_threads)
-SPEC = harness.MULTIPROCESS_MODELS[ARGS.model]
+STRATEGY, N, RANK = steps.multiprocess_worker(ARGS.inter_op_threads)
+SPEC = models.MULTIPROCESS_MODELS[ARGS.model]
 
 
 def make_variant(label):
@@ -60,21 +62,35 @@ def make_variant(label):
             raise SystemExit(f"unknown variant {label!r}")
         if optimizer is not None:
             optimizer.build(model.trainable_variables)
-    return harness.multiprocess_step(STRATEGY, model, optimizer, SPEC["batch"] * N)
+    return steps.multiprocess_step(STRATEGY, model, optimizer, SPEC["batch"] * N)
+
+
+def framework_op_stats(xplanes):
+    """The trace's per-op table (TensorBoard's "framework_op_stats" tool) as
+    JSON text, or None.
+
+    Private TensorFlow, kept to this one function: the public
+    ``tf.profiler.experimental`` API records a trace (start/stop, used
+    below) but offers no way to read one back; only TensorBoard's profile
+    plugin converts it, through this pybind module. Fallback, when it moves:
+    the variant's profile reports an error and its timing is unaffected."""
+    try:
+        from tensorflow.python.profiler.internal import _pywrap_profiler_plugin as plugin
+    except ImportError:
+        return None
+    data, ok = plugin.xspace_to_tools_data(xplanes, "framework_op_stats", {})
+    return data if ok else None
 
 
 def op_profile(run, label, logdir):
     """Self time per op type from a tf.profiler trace of a few steps."""
-    from tensorflow.python.profiler.internal import _pywrap_profiler_plugin as plugin
-
     path = Path(logdir) / label
     tf.profiler.experimental.start(str(path))
     for _ in range(ARGS.profile_steps):
         run()
     tf.profiler.experimental.stop()
-    xplanes = [str(p) for p in path.rglob("*.xplane.pb")]
-    data, ok = plugin.xspace_to_tools_data(xplanes, "framework_op_stats", {})
-    if not ok:
+    data = framework_op_stats([str(p) for p in path.rglob("*.xplane.pb")])
+    if data is None:
         return {"error": "profiler plugin could not convert the trace"}
     table = json.loads(data)
     if isinstance(table, list):  # [host table, device table]; CPU ops are on the host
@@ -100,14 +116,13 @@ def op_profile(run, label, logdir):
 
 def main():
     labels = [label for label in ARGS.variants.split(";") if label]
-    x, y = harness.multiprocess_batch(STRATEGY, SPEC, RANK)
-    steps = {label: make_variant(label) for label in labels}
-    runners = {label: (lambda s=s: float(STRATEGY.experimental_local_results(s(x, y))[0])) for label, s in steps.items()}
-    samples = harness.interleaved_timing(runners, ARGS.repetitions, ARGS.steps, ARGS.warmup)
+    x, y = steps.multiprocess_batch(STRATEGY, SPEC, RANK)
+    runners = {label: steps.runner(STRATEGY, make_variant(label), x, y) for label in labels}
+    samples = timing.interleaved_timing(runners, ARGS.repetitions, ARGS.steps, ARGS.warmup)
     baseline = "keras_adam" if "keras_adam" in samples else labels[0]
     result = {"workers": N, "model": ARGS.model, "per_worker_batch": SPEC["batch"],
-              "times": {k: harness.time_stats(v) for k, v in samples.items()},
-              "ratio_to_" + baseline: {k: harness.ratio_stats(v, samples[baseline]) for k, v in samples.items()}}
+              "times": {k: timing.time_stats(v) for k, v in samples.items()},
+              "ratio_to_" + baseline: {k: timing.ratio_stats(v, samples[baseline]) for k, v in samples.items()}}
     result["profile"] = {}
     if not ARGS.no_trace:
         with tempfile.TemporaryDirectory(prefix=f"distadam-profile-{RANK}-") as logdir:

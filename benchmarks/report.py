@@ -349,6 +349,37 @@ def horovod_markdown(results) -> list:
     return lines
 
 
+ONE_HOST_CAPTION = (
+    "**The cost of redundant updates on one host** (MirroredStrategy over N logical CPU devices "
+    "sharing 2 cores: step time ShardedAdam / baseline; median over interleaved A/B "
+    "repetitions [q25, q75]). With logical devices Keras Adam's N redundant updates run one after "
+    "another on the same cores, which a cluster of N devices would not do: these rows show what "
+    "sharding saves in work, not cluster speed.")
+
+
+def _timing_line(r) -> str:
+    return (f"| {r['setup']} | {r['model']} ({r['params']/1e6:.2f}M params, batch "
+            f"{r['batch_per_replica']}/replica) | {r['baseline']} | {r['sharded_ms']:.1f} | "
+            f"{r['adam_ms']:.1f} | **{r['ratio']:.3f}** [{r['q25']:.3f}, {r['q75']:.3f}] |")
+
+
+def _launches_line(r) -> str:
+    kinds = ", ".join(f"{v} {k}" for k, v in r["sharded_graph_by_kind"].items())
+    adam = r["adam_graph"] if r["adam_graph"] is not None else "not traced"
+    return (f"| {r['setup']} | {r['variables']} | {r['sharded_graph']} ({kinds}) "
+            f"[backend: {r['sharded_backend']}] | {adam} |")
+
+
+def _bytes_line(r) -> str:
+    return (f"| {r['setup']} | {_mb(r['param_bytes'])} | {_mb(r['bound'])} | "
+            f"{_mb(r['sharded_bytes'])} | {r['sharded_ratio']:.3f} | {r['adam_ratio']:.3f} |")
+
+
+def _captioned_table(caption, columns, rows) -> list:
+    """One section of :func:`markdown`: caption, header, rows, blank line."""
+    return [caption, "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|", *rows, ""]
+
+
 def markdown(results) -> str:
     lines = [machine_line(results), ""]
     lines += multiprocess_markdown(results)
@@ -378,42 +409,16 @@ def markdown(results) -> str:
                           f"N={r['replicas']}: {r['ratio']:.4f}" for r in full) + "."]
         lines.append("")
 
-    timing = timing_rows(results, setups=("mirrored",))
-    if timing:
-        lines += ["**The cost of redundant updates on one host** (MirroredStrategy over N logical CPU devices "
-                  "sharing 2 cores: step time ShardedAdam / baseline; median over interleaved A/B "
-                  "repetitions [q25, q75]). With logical devices Keras Adam's N redundant updates run one after "
-                  "another on the same cores, which a cluster of N devices would not do: these rows show what "
-                  "sharding saves in work, not cluster speed.", "",
-                  "| set-up | model | baseline | ShardedAdam ms | baseline ms | ratio [IQR] |",
-                  "|---|---|---|---|---|---|"]
-        for r in timing:
-            lines.append(f"| {r['setup']} | {r['model']} ({r['params']/1e6:.2f}M params, batch "
-                         f"{r['batch_per_replica']}/replica) | {r['baseline']} | {r['sharded_ms']:.1f} | "
-                         f"{r['adam_ms']:.1f} | **{r['ratio']:.3f}** [{r['q25']:.3f}, {r['q75']:.3f}] |")
-        lines.append("")
-
-    coll = collective_rows(results)
-    if coll:
-        lines += ["**Collective launches per step and worker** (traced graph ops; ShardedAdam's own "
-                  "backend calls in parentheses)", "",
-                  "| set-up | variables | ShardedAdam | baseline |", "|---|---|---|---|"]
-        for r in coll:
-            kinds = ", ".join(f"{v} {k}" for k, v in r["sharded_graph_by_kind"].items())
-            adam = r["adam_graph"] if r["adam_graph"] is not None else "not traced"
-            lines.append(f"| {r['setup']} | {r['variables']} | {r['sharded_graph']} ({kinds}) "
-                         f"[backend: {r['sharded_backend']}] | {adam} |")
-        lines.append("")
-
-    comm = bytes_rows(results)
-    if comm:
-        lines += ["**Bytes sent per worker per step** (update-bound model; traced collective sizes × ring "
-                  "cost model, see benchmarks/README.md) vs the ring all-reduce bound 2Ψ(N−1)/N", "",
-                  "| set-up | Ψ | bound | ShardedAdam | ratio | baseline ratio |", "|---|---|---|---|---|---|"]
-        for r in comm:
-            lines.append(f"| {r['setup']} | {_mb(r['param_bytes'])} | {_mb(r['bound'])} | "
-                         f"{_mb(r['sharded_bytes'])} | {r['sharded_ratio']:.3f} | {r['adam_ratio']:.3f} |")
-        lines.append("")
+    for rows, caption, columns, line in (
+            (timing_rows(results, setups=("mirrored",)), ONE_HOST_CAPTION,
+             ("set-up", "model", "baseline", "ShardedAdam ms", "baseline ms", "ratio [IQR]"), _timing_line),
+            (collective_rows(results), "**Collective launches per step and worker** (traced graph ops; ShardedAdam's "
+             "own backend calls in parentheses)", ("set-up", "variables", "ShardedAdam", "baseline"), _launches_line),
+            (bytes_rows(results), "**Bytes sent per worker per step** (update-bound model; traced collective sizes × "
+             "ring cost model, see benchmarks/README.md) vs the ring all-reduce bound 2Ψ(N−1)/N",
+             ("set-up", "Ψ", "bound", "ShardedAdam", "ratio", "baseline ratio"), _bytes_line)):
+        if rows:
+            lines += _captioned_table(caption, columns, [line(r) for r in rows])
     return "\n".join(lines)
 
 

@@ -20,12 +20,13 @@ _LAZY = {
     "plan_layout": "distadam.partition",
     "resolve_cluster": "distadam.cluster",
     "strategy_from_env": "distadam.cluster",
+    "enable_multiworker_fit": "distadam.multiworker_fit",
 }
 # Modules that need TensorFlow/Keras at import time.
-_NEEDS_TENSORFLOW = {"distadam.optimizer", "distadam.loss_scale"}
+_NEEDS_TENSORFLOW = {"distadam.optimizer", "distadam.loss_scale", "distadam.multiworker_fit"}
 
 __all__ = ["ShardedAdam", "LossScaleOptimizer", "Layout", "plan_layout", "resolve_cluster",
-           "strategy_from_env", "__version__"]
+           "strategy_from_env", "enable_multiworker_fit", "__version__"]
 
 
 def _import(module_name):

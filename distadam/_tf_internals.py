@@ -21,16 +21,26 @@ What is used, and why the public API does not suffice:
   exchange ``ReplicaContext.all_gather`` performs (shards are equal by
   construction): one collective instead of two.
 * ``cross_device_utils.CollectiveKeys`` / ``CollectiveReplicaLauncher``:
-  launchers of our own for the subgroups of hybrid sharding (a group of
-  workers, or the workers at one position across groups), with group keys
-  every process derives alike, sharing the device's ordering token with the
-  strategy's launcher so all collectives on a device run in program order.
+  launchers of our own, with group keys every process derives alike and a
+  range of them per strategy instance: for the whole group (TensorFlow gives
+  every strategy instance in a process group key 1 and instance keys from
+  100, so a second strategy's gathers would land on keys the first used for
+  all-reduces: "Collective instance 100 expected type 0 ... got type 2") and
+  for the subgroups of hybrid sharding (a group of workers, or the workers at
+  one position across groups). They share the device's ordering token with
+  the strategy's launcher, so all collectives on a device run in program order.
 * ``StrategyExtended._get_replica_id_in_sync_group``: which replicas this
   process holds, at build time (possibly inside replica context).
 * ``StrategyExtended._use_merge_call`` / ``._get_cross_device_ops``: whether
   the strategy runs replica functions with merge_call (not under XLA) and
   which cross-device ops it would use for a float tensor.
 * ``values.PerReplica``: to hand each replica its own result from a merge_call.
+* ``tf.__internal__.distribute.interim.maybe_merge_call``: writing the
+  replicated model variables from replica context, with a merge_call where
+  the strategy uses one (Keras' own optimizers use it for the same reason).
+  It is the only path here with no fallback: without it no strategy can
+  assign a mirrored variable from a step, so a TensorFlow that drops it fails
+  loudly at the first step.
 * ``control_flow_util.GraphOrParentsInXlaContext``: whether a step is being
   compiled by XLA, where host-side printing cannot run (the skipped-step
   warning is left out there).
@@ -87,7 +97,8 @@ class DirectLaunchers:
 
 
 def direct_launchers(strategy) -> DirectLaunchers | None:
-    """The strategy's launchers if the direct collectives can use them, else
+    """Launchers of distadam's own over the strategy's devices (see
+    :func:`own_group_key`) if the direct collectives can use them, else
     None. Call once, in cross-replica context."""
     try:
         from tensorflow.python.distribute import cross_device_ops as cross_device_ops_lib
@@ -113,25 +124,98 @@ def direct_launchers(strategy) -> DirectLaunchers | None:
         return None
     if len(launchers) != len(worker_devices):
         return None
-    return DirectLaunchers(launchers, lock)
+    try:
+        key = own_group_key(strategy_slot(strategy, multi_worker=_is_multi_worker(strategy)))
+        # One launcher per device for the strategy's lifetime: its instance
+        # keys must keep counting up across optimizers (a second optimizer
+        # starting over would reuse keys TensorFlow has seen).
+        own = []
+        for base in launchers:
+            if base not in _OWN_LAUNCHERS:
+                _OWN_LAUNCHERS[base] = _own_launcher(base, key, group_size)
+            own.append(_OWN_LAUNCHERS[base])
+    except _EXPECTED_ERRORS:
+        return None
+    return DirectLaunchers(own, lock)
 
 
-#: Group keys of hybrid sharding's subgroups: far above the keys the
-#: strategy allocates (from 1, one per device set), and computed from the
-#: subgroup's identity, so every process names the same subgroup alike
-#: without communicating. (Two different device sets under one key would be
-#: merged into one group by the group leader.)
-SUBGROUP_KEY_BASE = 0x5D000000
+#: distadam's group keys: far above the keys strategies allocate (from 1, one
+#: per device set), computed from the strategy's slot and the group's
+#: identity, so every process names the same group alike without
+#: communicating. (Two different device sets under one key would be merged
+#: into one group by the group leader.) Each slot spans 2**23 keys.
+OWN_GROUP_KEY_BASE = 1 << 28
+_SLOT_BITS = 23
+#: Strategy instances of one kind (in-process or multi-worker) a process can
+#: give their own keys to: group keys are int32.
+MAX_STRATEGY_SLOTS = ((1 << 31) - OWN_GROUP_KEY_BASE) >> (_SLOT_BITS + 1)
+#: Hybrid group sizes and group counts the subgroup keys can name.
+MAX_SUBGROUP_SIZE, MAX_SUBGROUP_INDEX = 1 << 10, 1 << 12
+
+#: strategy.extended -> its slot, and the next slot of each kind.
+_STRATEGY_SLOTS = weakref.WeakKeyDictionary()
+_NEXT_SLOT = {False: 0, True: 0}
 
 
-#: base launcher (owned by the strategy) -> {group size: (within, across)}.
+def _is_multi_worker(strategy) -> bool:
+    """Whether the strategy's group spans processes (replicas it does not hold)."""
+    return strategy.num_replicas_in_sync > len(strategy.extended.worker_devices)
+
+
+def strategy_slot(strategy, multi_worker: bool) -> int:
+    """This strategy instance's slot of keys: 0 for the first strategy of its
+    kind in this process, 1 for the next... Multi-worker strategies are
+    counted apart from in-process ones (TensorFlow runs one multi-worker
+    strategy per process), so a process that also builds a local
+    MirroredStrategy, say for evaluation, still names the job's groups as
+    the other processes do."""
+    extended = strategy.extended
+    if extended not in _STRATEGY_SLOTS:
+        slot = _NEXT_SLOT[multi_worker]
+        if slot >= MAX_STRATEGY_SLOTS:
+            raise RuntimeError(
+                f"distadam gives each tf.distribute strategy in a process its own collective keys, for "
+                f"up to {MAX_STRATEGY_SLOTS} strategies; this process has built more. Restart it.")
+        _NEXT_SLOT[multi_worker] = slot + 1
+        _STRATEGY_SLOTS[extended] = (multi_worker, slot)
+    multi_worker, slot = _STRATEGY_SLOTS[extended]
+    return (slot << 1) | int(multi_worker)
+
+
+def own_group_key(slot: int, code: int = 0) -> int:
+    """Group key ``code`` (0: all workers; see :func:`subgroup_key`) of
+    strategy slot ``slot``."""
+    return OWN_GROUP_KEY_BASE + (slot << _SLOT_BITS) + code
+
+
+def _own_launcher(base, key: int, size: int):
+    """A launcher of group ``key`` on ``base``'s device, with instance keys of
+    its own and ``base``'s ordering token: our collectives and the
+    strategy's run in the order they were traced, on every worker."""
+    from tensorflow.python.distribute import cross_device_utils
+
+    keys = cross_device_utils.CollectiveKeys(group_key_start=key)
+    if keys.get_group_key([base._device]) != key:
+        raise ValueError("CollectiveKeys did not start at the requested group key")
+    launcher = cross_device_utils.CollectiveReplicaLauncher(key, size, keys, base._device, base._options)
+    launcher._ordering_token = base._ordering_token
+    return launcher
+
+
+#: the strategy's launcher -> distadam's launcher of the whole group on its device.
+_OWN_LAUNCHERS = weakref.WeakKeyDictionary()
+#: launcher of the whole group (distadam's) -> {group size: (within, across)}.
 _SUBGROUP_LAUNCHERS = weakref.WeakKeyDictionary()
 
 
-def subgroup_key(group_size: int, across: bool, index: int) -> int:
+def subgroup_key(whole_group_key: int, group_size: int, across: bool, index: int) -> int:
     """Group key of group ``index`` (within) or of position ``index``
-    (across) when sharding over groups of ``group_size``."""
-    return SUBGROUP_KEY_BASE + ((((group_size << 1) | int(across)) << 12) + index)
+    (across) when sharding over groups of ``group_size``, in the slot of
+    ``whole_group_key``."""
+    if not (0 < group_size < MAX_SUBGROUP_SIZE and 0 <= index < MAX_SUBGROUP_INDEX):
+        raise ValueError(f"subgroup keys name groups of up to {MAX_SUBGROUP_SIZE - 1} workers and up to "
+                         f"{MAX_SUBGROUP_INDEX} groups; got group size {group_size}, index {index}")
+    return whole_group_key + 1 + ((((group_size << 1) | int(across)) << 12) + index)
 
 
 def local_replica_ids(strategy) -> list:
@@ -149,18 +233,6 @@ def subgroup_launchers(direct: DirectLaunchers, worker_indices, group_size: int,
     """(within, across): :class:`DirectLaunchers` over each local replica's
     group and over its position across groups, or raise InternalsUnavailable."""
     try:
-        from tensorflow.python.distribute import cross_device_utils
-
-        def launcher_for(base, key, size):
-            keys = cross_device_utils.CollectiveKeys(group_key_start=key)
-            if keys.get_group_key([base._device]) != key:
-                raise ValueError("CollectiveKeys did not start at the requested group key")
-            launcher = cross_device_utils.CollectiveReplicaLauncher(key, size, keys, base._device, base._options)
-            # One ordering token per device: our collectives and the
-            # strategy's run in the order they were traced, on every worker.
-            launcher._ordering_token = base._ordering_token
-            return launcher
-
         within, across = [], []
         for base, worker in zip(direct.launchers, worker_indices):
             # One launcher per (device, group) for the strategy's lifetime:
@@ -168,10 +240,11 @@ def subgroup_launchers(direct: DirectLaunchers, worker_indices, group_size: int,
             # second optimizer starting over would reuse keys TF has seen).
             cached = _SUBGROUP_LAUNCHERS.setdefault(base, {})
             if group_size not in cached:
+                key = base._group_key
                 cached[group_size] = (
-                    launcher_for(base, subgroup_key(group_size, False, worker // group_size), group_size),
-                    launcher_for(base, subgroup_key(group_size, True, worker % group_size),
-                                 num_workers // group_size))
+                    _own_launcher(base, subgroup_key(key, group_size, False, worker // group_size), group_size),
+                    _own_launcher(base, subgroup_key(key, group_size, True, worker % group_size),
+                                  num_workers // group_size))
             within.append(cached[group_size][0])
             across.append(cached[group_size][1])
     except _EXPECTED_ERRORS as error:
@@ -185,6 +258,18 @@ def launcher_all_reduce(launcher, order, values):
         return launcher.all_reduce(values)
     except _EXPECTED_ERRORS as error:
         raise InternalsUnavailable(f"launcher all-reduce: {error}") from error
+
+
+def launcher_all_gather_rows(launcher, order, rows):
+    """All-gather along axis 0 of row blocks whose lengths may differ (the
+    launcher exchanges the lengths first), in rank order."""
+    try:
+        from tensorflow.python.distribute import collective_util
+
+        with tf.device(launcher._device):
+            return launcher.all_gather(rows, 0, collective_util.Options())
+    except _EXPECTED_ERRORS as error:
+        raise InternalsUnavailable(f"launcher all-gather of rows: {error}") from error
 
 
 #: TensorFlow names the buffers of an all-to-all by the collective's key
@@ -204,12 +289,21 @@ def all_to_all_is_safe(group_size: int, members_per_process: int) -> bool:
     return group_size <= UNAMBIGUOUS_ALL_TO_ALL_GROUP or members_per_process <= 1
 
 
+def maybe_merge_call(fn, strategy, *args):
+    """``fn(strategy, *args)`` in cross-replica context (see the list above)."""
+    return tf.__internal__.distribute.interim.maybe_merge_call(fn, strategy, *args)
+
+
 def all_to_all_sum(launcher, order: MemberOrder, flat):
     """Reduce-scatter through an all-to-all: row w of ``flat`` (viewed as
     [group size, S]) goes to worker w, which sums the rows it receives.
     The all-to-all delivers row r to rank r, so the rows are put in rank
     order first (a copy only where ranks and workers differ)."""
-    with tf.device(launcher._device):
+    try:
+        device = launcher._device
+    except _EXPECTED_ERRORS as error:
+        raise InternalsUnavailable(f"launcher device: {error}") from error
+    with tf.device(device):
         rows = order.rows_to_rank_order(tf.reshape(flat, [order.size, -1]))
     # Received row r came from rank r: summed in worker order.
     return sum_rows(all_to_all_rows(launcher, rows), order)

@@ -100,8 +100,64 @@ def check_sharding_arguments(*, backend, bucket_elements, shard_alignment, skip_
     require_positive_int("shard_group_size", shard_group_size, allow_none=True)
 
 
+def name_matches(variable, patterns) -> bool:
+    """Whether a pattern of ``replicate``/``row_sparse`` matches
+    ``variable``'s path, as ``exclude_from_weight_decay``'s ``var_names`` do."""
+    name = str(getattr(variable, "path", None) or variable.name)
+    return any(pattern in name for pattern in patterns)
+
+
 def _iterable(value, name):
     try:
         return list(value)
     except TypeError:
         raise TypeError(f"`{name}` must be a list, got {value!r}") from None
+
+
+# ------------------------------------------------ the constructor, declared once
+#: Arguments keras.optimizers.Optimizer takes, checks, stores and serializes.
+BASE_ARGUMENTS = ("learning_rate", "weight_decay", "clipnorm", "clipvalue", "global_clipnorm", "use_ema",
+                  "ema_momentum", "ema_overwrite_frequency", "loss_scale_factor", "gradient_accumulation_steps")
+
+
+def _optional_int(value):
+    return None if value is None else int(value)
+
+
+def _same(value):
+    return value
+
+
+#: Arguments ShardedAdam stores itself (and serializes in get_config), each
+#: with how it is stored: Adam's own, then the sharding ones.
+OWN_ARGUMENTS = {
+    "beta_1": _same, "beta_2": _same, "epsilon": _same, "amsgrad": bool,
+    "backend": _same, "bucket_elements": _optional_int, "shard_alignment": int, "skip_nonfinite": bool,
+    "max_consecutive_skips": _optional_int, "replicate": tuple, "row_sparse": tuple,
+    "min_shard_elements": int, "shard_group_size": _optional_int, "fused_update": bool,
+}
+_ADAM_CHECKED = ("learning_rate", "beta_1", "beta_2", "epsilon", "amsgrad", "weight_decay", "clipnorm",
+                 "clipvalue", "global_clipnorm", "ema_momentum", "ema_overwrite_frequency", "loss_scale_factor",
+                 "gradient_accumulation_steps")
+_SHARDING_CHECKED = ("backend", "bucket_elements", "shard_alignment", "skip_nonfinite", "replicate", "row_sparse",
+                     "min_shard_elements", "fused_update", "max_consecutive_skips", "shard_group_size")
+
+
+def split_constructor_arguments(given: dict) -> tuple:
+    """Check the constructor's arguments (``given``: name -> value, every
+    name of its signature) and split them: (what goes to
+    ``keras.optimizers.Optimizer.__init__``, the attributes ShardedAdam sets)."""
+    check_adam_arguments(**{name: given[name] for name in _ADAM_CHECKED})
+    check_sharding_arguments(**{name: given[name] for name in _SHARDING_CHECKED})
+    base = {name: given[name] for name in BASE_ARGUMENTS}
+    if is_real_number(base["learning_rate"]):
+        base["learning_rate"] = float(base["learning_rate"])
+    own = {name: store(given[name]) for name, store in OWN_ARGUMENTS.items()}
+    return base, own
+
+
+def own_config(optimizer) -> dict:
+    """The attributes of :data:`OWN_ARGUMENTS` as ``get_config`` returns them
+    (JSON-friendly: tuples as lists)."""
+    values = {name: getattr(optimizer, name) for name in OWN_ARGUMENTS}
+    return {name: list(value) if isinstance(value, tuple) else value for name, value in values.items()}

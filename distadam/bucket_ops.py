@@ -146,3 +146,16 @@ def segments_finite(bucket: Bucket, flat: tf.Tensor) -> tf.Tensor:
     (padding is never looked at). Reads ``flat`` and writes one bool per
     segment."""
     return tf.stack([tf.reduce_all(tf.math.is_finite(tensor)) for _, tensor in unflatten(bucket, flat)])
+
+
+class DivisibleSlices(tf.IndexedSlices):
+    """An IndexedSlices that Keras' ``apply`` can divide by the loss scale
+    (it divides every gradient by ``loss_scale_factor``; a plain
+    IndexedSlices does not support ``/``), so sparse gradients stay sparse."""
+
+    @classmethod
+    def of(cls, slices):
+        return cls(slices.values, slices.indices, slices.dense_shape)
+
+    def __truediv__(self, scale):
+        return DivisibleSlices(self.values / scale, self.indices, self.dense_shape)

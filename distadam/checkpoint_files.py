@@ -45,6 +45,9 @@ MANIFEST = "manifest.json"
 MODEL_FILE = "model.npz"
 PREFIX = "ckpt-"
 PARTIAL_PREFIX = ".partial-"
+#: A committed checkpoint moved aside while a save of the same step replaces
+#: it; it counts as that step's checkpoint until the replacement is committed.
+SUPERSEDED_PREFIX = ".superseded-"
 _STEP_DIGITS = 12
 _NAME = re.compile(r"ckpt-(\d{12,})")
 _SHARD = re.compile(r"shard-(\d{5,})-of-(\d{5,})\.npz")
@@ -52,6 +55,8 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 #: No manifest of a real model comes near this; a bigger one is not parsed.
 MAX_MANIFEST_BYTES = 64 << 20
+#: Most shards (workers of a sharding group) a checkpoint may have.
+MAX_SHARDS = 1 << 20
 #: Per-array and per-file allowance for zip and .npy headers when bounding a
 #: file's size from the arrays it must hold (np.savez writes < 300 bytes per
 #: member for the shapes used here).
@@ -78,6 +83,32 @@ def step_of(name: str):
     return step if checkpoint_name(step) == name else None
 
 
+def superseded_name(step: int) -> str:
+    return f"{SUPERSEDED_PREFIX}{checkpoint_name(step)}"
+
+
+def committed_step_of(name: str):
+    """The step of a committed checkpoint directory: its canonical name, or
+    the name it has while a save of the same step replaces it."""
+    if name.startswith(SUPERSEDED_PREFIX):
+        name = name[len(SUPERSEDED_PREFIX):]
+    return step_of(name)
+
+
+def count_shard_files(directory, limit: int) -> int:
+    """How many entries of ``directory`` are named like shard files, counting
+    no further than ``limit`` (a directory crafted with millions of entries
+    costs at most ``limit`` names)."""
+    count = 0
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if _SHARD.fullmatch(entry.name):
+                count += 1
+                if count >= limit:
+                    break
+    return count
+
+
 def shard_file(shard: int, num_shards: int) -> str:
     return f"shard-{shard:05d}-of-{num_shards:05d}.npz"
 
@@ -89,11 +120,12 @@ def partial_name(step: int, job: str) -> str:
 def list_checkpoints(directory) -> list:
     """(step, path) of every committed-looking checkpoint directory, oldest
     first. Entries whose name is not exactly ours, symlinks and non-directories
-    are ignored."""
-    found = []
+    are ignored. A step whose save was interrupted while replacing it is
+    found under its superseded name (the previous copy, still whole)."""
+    canonical, superseded = {}, {}
     with os.scandir(directory) as entries:
         for entry in entries:
-            step = step_of(entry.name)
+            step = committed_step_of(entry.name)
             if step is None:
                 continue
             try:
@@ -101,8 +133,15 @@ def list_checkpoints(directory) -> list:
                     continue
             except OSError:
                 continue
-            found.append((step, os.path.join(directory, entry.name)))
-    return sorted(found)
+            found = superseded if entry.name.startswith(SUPERSEDED_PREFIX) else canonical
+            found[step] = os.path.join(directory, entry.name)
+    return sorted({**superseded, **canonical}.items())
+
+
+def list_superseded(directory) -> list:
+    """Names of ``.superseded-*`` entries in ``directory``."""
+    with os.scandir(directory) as entries:
+        return sorted(entry.name for entry in entries if entry.name.startswith(SUPERSEDED_PREFIX))
 
 
 def list_partials(directory) -> list:
@@ -205,9 +244,9 @@ def open_manifest(data: bytes) -> dict:
     return manifest
 
 
-def require(value, kind, what: str, minimum=None):
+def require(value, kind, what: str, minimum=None, maximum=None):
     """``value`` if it has exactly type ``kind`` (bool is not an int here) and
-    is at least ``minimum``; FormatError naming ``what`` otherwise."""
+    lies in [``minimum``, ``maximum``]; FormatError naming ``what`` otherwise."""
     if kind is int:
         ok = type(value) is int
     elif kind is float:
@@ -218,6 +257,19 @@ def require(value, kind, what: str, minimum=None):
         raise FormatError(f"manifest field {what} is {value!r}, expected {kind.__name__}")
     if minimum is not None and value < minimum:
         raise FormatError(f"manifest field {what} is {value}, expected at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise FormatError(f"manifest field {what} is {value}, expected at most {maximum}")
+    return value
+
+
+def require_keys(value, allowed, what: str) -> dict:
+    """``value`` if it is an object with no keys beyond ``allowed`` (a field
+    this version does not know is not silently ignored)."""
+    if not isinstance(value, dict):
+        raise FormatError(f"manifest field {what} is {value!r:.100}, expected an object")
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise FormatError(f"manifest field {what} has keys this format does not have: {unknown[:5]!r:.200}")
     return value
 
 

@@ -19,8 +19,10 @@ pairwise all-to-all (n−1)·α               (n−1)/n · S · β
 ==================  ====================  ==========================
 
 (Thakur, Rabenseifner and Gropp 2005, "Optimization of collective
-communication operations in MPICH"; the byte columns are what
-benchmarks/harness.py's ``ring_bytes_sent`` counts.) ShardedAdam's
+communication operations in MPICH".) This table is the one byte model of the
+project: the time model below, the planner's byte counts (:func:`bytes_sent`)
+and the benchmarks' traced-collective counts (benchmarks/harness/collectives.py)
+all read it. ShardedAdam's
 tf.distribute backend reduce-scatters on CPU as an all-to-all plus a local
 sum: the same terms as a ring reduce-scatter.
 
@@ -94,6 +96,21 @@ MAX_WORKERS = 10**6
 DEFAULT_TOLERANCE = 0.02
 
 KINDS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all")
+
+# Optimizer state kinds, named once, in ShardedAdam's creation order: the
+# optimizer's own name (``ShardedAdam.sharded_state.kinds``, the names
+# ``gather_full_state`` takes, Keras Adam's slot names) -> the short key the
+# planner prints and writes to its JSON (``m``, ``v``, ...). Pure Python, so
+# the optimizer and the TensorFlow-free planner can both read it;
+# tests/test_planner.py checks it against a built ShardedAdam.
+STATE_KINDS = {"momentum": "m", "velocity": "v", "velocity_hat": "v_hat", "average": "ema",
+               "accumulator": "accumulator"}
+
+
+def state_kinds(amsgrad: bool = False, ema: bool = False, accumulation_steps: int | None = None) -> list:
+    """The optimizer's state kinds for these options, in its order."""
+    optional = {"velocity_hat": amsgrad, "average": ema, "accumulator": bool(accumulation_steps)}
+    return [kind for kind in STATE_KINDS if optional.get(kind, True)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,18 +198,55 @@ PRESETS = {
 
 
 # ------------------------------------------------------------- collectives
+# The table above in one place: ring phases per collective. Each phase is
+# n-1 steps, in each of which a member sends 1/n of the full buffer S; a ring
+# all-reduce is two phases (a reduce-scatter, then an all-gather).
+_RING_PHASES = {"all_reduce": 2, "reduce_scatter": 1, "all_gather": 1, "all_to_all": 1}
+
+
 def latency_steps(kind: str, n: int) -> int:
     """Latency terms (ring steps) of one collective over ``n`` members."""
     _check_kind(kind)
     _check_count("members", n, 1, MAX_WORKERS)
-    return 2 * (n - 1) if kind == "all_reduce" else n - 1
+    return _RING_PHASES[kind] * (n - 1)
 
 
 def bytes_factor(kind: str, n: int) -> float:
     """Bytes each member sends, as a multiple of the full buffer S."""
     _check_kind(kind)
     _check_count("members", n, 1, MAX_WORKERS)
-    return (2.0 if kind == "all_reduce" else 1.0) * (n - 1) / n
+    return _RING_PHASES[kind] * (n - 1) / n
+
+
+def bytes_sent(kind: str, n: int, input_bytes: float) -> float:
+    """Bytes one member sends in one ring collective over ``n`` members, from
+    its own input (what a traced op or a backend call sees): the full buffer S
+    for an all-reduce, reduce-scatter or all-to-all, its own shard S/n for an
+    all-gather. ``broadcast`` (the root sends its buffer once down a pipelined
+    chain) is counted for the benchmarks' traced graphs only: no step of the
+    time model broadcasts, so :data:`KINDS` leaves it out."""
+    if kind == "broadcast":
+        _check_count("members", n, 1, MAX_WORKERS)
+        return 0.0 if n == 1 else float(input_bytes)
+    _check_kind(kind)
+    _check_count("members", n, 1, MAX_WORKERS)
+    if kind == "all_gather":
+        # (n-1)/n of the gathered buffer S = n * input: whole bytes in, whole
+        # bytes out, without rounding through the fraction.
+        return input_bytes * (n - 1)
+    # Multiplied before dividing: one rounding, so byte counts of whole
+    # buffers come out exact where they can.
+    return _RING_PHASES[kind] * input_bytes * (n - 1) / n
+
+
+# An IndexedSlices gradient travels as its rows' values plus one int32 index
+# per row (TensorFlow and Horovod all-gather both).
+INDEX_BYTES = 4
+
+
+def sparse_rows_bytes(rows: int, row_elements: int, itemsize: int) -> int:
+    """Bytes one worker contributes for ``rows`` rows of a sparse gradient."""
+    return rows * (row_elements * itemsize + INDEX_BYTES)
 
 
 def _check_kind(kind):

@@ -93,6 +93,54 @@ def load_adam_layout(optimizer, store) -> bool:
     return True
 
 
+def ema_mirror(optimizer) -> list:
+    """Full-shaped variables holding a ``use_ema`` ShardedAdam's EMA, what
+    Keras' optimizers keep as ``_model_variables_moving_average``.
+
+    The EMA itself stays sharded; this mirror is made on first use (one full
+    copy of the trainable weights per replica, the memory Keras' EMA takes;
+    only code that asks pays it) and refreshed from the shards (a
+    collective: every worker reads it at the same point, as callbacks do)
+    when training has advanced since the last refresh. Not refreshing
+    otherwise is what makes ``keras.callbacks.SwapEMAWeights``' in-place
+    exchange work: between its swap-in and its swap-out nothing trains, and
+    the mirror then holds the weights it swapped out. Writes to the mirror
+    never reach the optimizer's EMA."""
+    import tensorflow as tf
+
+    from distadam import _keras_internals as hooks
+
+    step = int(optimizer.iterations_variable.numpy())
+    mirror = optimizer.__dict__.get("_ema_mirror")
+    if mirror is not None and mirror[0] == step:
+        return list(mirror[1])
+    averages = optimizer.gather_full_state("average")
+    if mirror is None:
+        strategy = hooks.distribution_strategy(optimizer) or tf.distribute.get_strategy()
+        with strategy.scope():
+            variables = [tf.Variable(average, trainable=False, name=f"ema_mirror_{index}")
+                         for index, average in enumerate(averages)]
+    else:
+        variables = mirror[1]
+        for variable, average in zip(variables, averages):
+            variable.assign(average)
+    hooks.set_untracked(optimizer, "_ema_mirror", (step, variables))
+    return list(variables)
+
+
+def write_average_into(optimizer, variables) -> None:
+    """Keras' EMA finalisation (``finalize_variable_values``): each of
+    ``variables`` the optimizer was built with takes its EMA (gathered: a
+    collective)."""
+    from distadam import _keras_internals as hooks
+
+    averages = optimizer.gather_full_state("average")
+    for variable in variables:
+        index = hooks.variable_index(optimizer, variable)
+        if index is not None:
+            variable.assign(averages[index])
+
+
 def _learning_rate_variable(optimizer):
     """The variable holding a float learning rate (Keras' getter returns it
     as is), or None for a schedule or a callable."""

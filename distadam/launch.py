@@ -73,6 +73,15 @@ MAX_NPROC = 256
 MAX_DEVICES_PER_WORKER = 64
 MAX_RESTARTS = 100
 MAX_GRACE_PERIOD = 3600.0
+# Seconds between SIGTERM and SIGKILL when --grace-period is not given. After
+# SIGINT/SIGTERM to the launcher (a preemption, a scheduler stopping the job)
+# the workers may be saving (distadam.preemption saves the current step and
+# exits 42): they get what the Kubernetes manifests give a pod
+# (terminationGracePeriodSeconds: 60). After a worker failed, or the
+# --timeout, the others cannot save without it (a save is collective), so
+# they are stopped sooner.
+DEFAULT_SIGNAL_GRACE = 60.0
+DEFAULT_FAILURE_GRACE = 5.0
 # Output is relayed in pieces of at most this many bytes per line: a worker
 # printing 400 MiB without a newline must not make the launcher hold it.
 MAX_LINE_BYTES = 64 * 1024
@@ -178,9 +187,13 @@ def parse_args(argv=None, prog: str = PROG):
     parser.add_argument("--restarts", type=_count, default=0,
                         help=f"re-run the whole job up to this many times after a worker fails "
                              f"(at most {MAX_RESTARTS})")
-    parser.add_argument("--grace-period", type=_seconds, default=5.0,
-                        help=f"seconds between SIGTERM and SIGKILL when stopping workers "
-                             f"(default 5, at most {MAX_GRACE_PERIOD:g})")
+    parser.add_argument("--grace-period", type=_seconds, default=None,
+                        help=f"seconds between SIGTERM and SIGKILL when stopping workers, at most "
+                             f"{MAX_GRACE_PERIOD:g}. Default: {DEFAULT_SIGNAL_GRACE:g} after SIGINT/SIGTERM "
+                             "to the launcher, time for a preemption save (distadam.preemption; make it "
+                             "cover check_every steps plus one save of your model; a second Ctrl-C kills "
+                             f"at once), {DEFAULT_FAILURE_GRACE:g} after a worker failed or --timeout "
+                             "(the others cannot save without it)")
     parser.add_argument("--network", choices=("private", "host"), default="private",
                         help="private (default): the workers share a new network namespace with "
                              "only loopback, so their unauthenticated TensorFlow servers are "
@@ -219,7 +232,7 @@ def parse_args(argv=None, prog: str = PROG):
         parser.error("--timeout must be positive")
     if args.restarts > MAX_RESTARTS:
         parser.error(f"--restarts {args.restarts} is more than {MAX_RESTARTS}")
-    if args.grace_period > MAX_GRACE_PERIOD:
+    if args.grace_period is not None and args.grace_period > MAX_GRACE_PERIOD:
         parser.error(f"--grace-period {args.grace_period:g} is more than {MAX_GRACE_PERIOD:g} seconds")
     if args.module and args.no_python:
         parser.error("-m and --no-python exclude each other")
@@ -229,6 +242,15 @@ def parse_args(argv=None, prog: str = PROG):
     if not args.module and not args.no_python and not os.path.isfile(args.command):
         parser.error(f"no such script: {args.command!r} (use -m for a module)")
     return args
+
+
+def grace_period(args, signalled: bool) -> float:
+    """Seconds from SIGTERM to SIGKILL: ``--grace-period``, else the default
+    for why the workers are stopped (``signalled``: the launcher got
+    SIGINT/SIGTERM, so the workers may be saving)."""
+    if args.grace_period is not None:
+        return args.grace_period
+    return DEFAULT_SIGNAL_GRACE if signalled else DEFAULT_FAILURE_GRACE
 
 
 def worker_command(args) -> list:
@@ -393,6 +415,33 @@ class Sandbox:
             self.init.kill()
         self.init.wait()
         self.init.stdout.close()
+
+
+def exec_in_private_network(command: list, prog: str = PROG) -> int:
+    """Become ``command`` inside a new network namespace whose only interface
+    is loopback: the namespace :class:`Sandbox` makes for ``distadam launch``'s
+    workers, for a launcher that starts its ranks itself (``mpirun`` in
+    ``launch/mpirun_local.sh``): it and every process it starts inherit the
+    namespace, so TensorFlow's servers, which bind every interface, are
+    reachable only from inside the job. Unlike ``distadam launch`` there is no
+    PID namespace: the command reaps and stops its own processes.
+
+    Does not return on success; prints why and returns 2 where no such
+    namespace can be made (call it from a fresh, single-threaded process)."""
+    if not command:
+        print(f"{prog}: error: no command to run in the private network", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        Sandbox(private_network=True)
+    except SandboxError as error:
+        print(f"{prog}: error: cannot make a private network namespace ({error})", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        os.execvp(command[0], command)
+    except OSError as error:
+        print(f"{prog}: error: cannot run {command[0]!r}: {error}", file=sys.stderr)
+        return 127
+    return 127  # not reached: execvp returns only by raising
 
 
 class Subreaper:
@@ -671,9 +720,10 @@ class Launcher:
 
     def _stop_for_signal(self) -> int:
         name = signal.Signals(self.received_signal).name
+        seconds = grace_period(self.args, signalled=True)
         self.say(f"received {name}: forwarded to all workers; waiting up to "
-                 f"{self.args.grace_period:g}s for them to exit")
-        self._wait_for_exit(self.args.grace_period)
+                 f"{seconds:g}s for them to exit (send it again to kill them now)")
+        self._wait_for_exit(seconds)
         self._kill_all()
         return 128 + self.received_signal
 
@@ -681,7 +731,7 @@ class Launcher:
         for worker in self.workers:
             if worker.poll() is None:
                 worker.signal_group(signal.SIGTERM)
-        self._wait_for_exit(self.args.grace_period)
+        self._wait_for_exit(grace_period(self.args, signalled=False))
         self._kill_all()
 
     def _wait_for_exit(self, seconds: float) -> None:

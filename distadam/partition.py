@@ -89,6 +89,29 @@ class Bucket:
                 pieces.append((seg, start - seg.offset, stop - seg.offset))
         return pieces
 
+    # Resharding: a checkpoint written by N workers restores on M. Shard files
+    # hold element ranges of each bucket, so every question below is about
+    # ranges, never about which worker wrote what.
+    def written_range(self, worker: int) -> tuple:
+        """Elements of this bucket that worker ``worker``'s shard file holds:
+        its shard, or for a replicated bucket everything in worker 0's file and
+        nothing in the others' (the manifest records a replicated bucket's
+        shard_size as all its elements, so ``stored_range`` agrees)."""
+        if self.replicated:
+            n = self.num_elements
+            return (0, n) if worker == 0 else (n, n)
+        return self.shard_range(worker)
+
+    def restored_range(self, shard: int) -> tuple:
+        """Elements a worker holding ``shard`` restores (all of a replicated bucket)."""
+        return (0, self.num_elements) if self.replicated else self.shard_range(shard)
+
+    def stored_range(self, old_shard: int, old_shard_size: int) -> tuple:
+        """Elements of this bucket that shard file ``old_shard`` of a
+        checkpoint written with shards of ``old_shard_size`` holds."""
+        n = self.num_elements
+        return min(old_shard * old_shard_size, n), min((old_shard + 1) * old_shard_size, n)
+
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
@@ -135,6 +158,11 @@ class Layout:
         expected = [num_workers * t for t in self.agreement_terms()]
         return [float(t) for t in summed_terms] == [float(t) for t in expected]
 
+    def stored_ranges(self, old_shard: int, old_shard_sizes) -> list:
+        """``Bucket.stored_range`` of every bucket, given each bucket's shard
+        size in the checkpoint (``old_shard_sizes``, in bucket order)."""
+        return [bucket.stored_range(old_shard, size) for bucket, size in zip(self.buckets, old_shard_sizes)]
+
     def summary(self) -> list:
         """(dtype, [variable shapes], placement) per bucket: what workers must agree on."""
         return [(bucket.dtype, [seg.shape for seg in bucket.segments],
@@ -162,6 +190,19 @@ class Layout:
                     }
                 )
         return rows
+
+
+def reshard_pieces(start: int, stop: int, old_shard_size: int) -> list:
+    """(old shard, lo, hi) for every shard of size ``old_shard_size`` that
+    overlaps the elements [start, stop): the pieces a restoring worker copies,
+    ``[lo, hi)`` being bucket elements (never empty). Nothing for an empty range."""
+    if stop <= start:
+        return []
+    pieces = []
+    for old in range(start // old_shard_size, -(-stop // old_shard_size)):
+        old_start = old * old_shard_size
+        pieces.append((old, max(start, old_start), min(stop, old_start + old_shard_size)))
+    return pieces
 
 
 def _num_elements(shape) -> int:

@@ -29,6 +29,11 @@ signal, agreement on the step, save, exit with a code the platform treats as
 
 Budget: the grace period must cover up to ``check_every`` steps, one save and
 the process exit.
+
+The guard needs the optimizer, which exists only some time after the
+strategy (and its signal handler). A signal in between is not lost if
+:func:`catch_signals` is called right after the strategy is created: it holds
+the signal until the guard takes over (``PreemptionGuard(..., caught=...)``).
 """
 
 from __future__ import annotations
@@ -57,6 +62,44 @@ class Preempted(SystemExit):
         self.path = path
 
 
+class SignalCatcher:
+    """Record preemption signals (the first one) instead of acting on them.
+    Create it in the main thread; :meth:`close` puts the previous handlers back."""
+
+    def __init__(self, signals=(signal.SIGTERM,)):
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("signal handlers can only be installed from the main thread")
+        self.signals = tuple(signals)
+        self.received = None
+        self._previous = {}
+        for signum in self.signals:
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        # Only a flag: a signal handler may run between any two bytecodes of
+        # the main thread, in the middle of a step.
+        if self.received is None:
+            self.received = signum
+
+    def reinstall(self) -> None:
+        """Take the signals back (from a handler installed since)."""
+        for signum in self.signals:
+            signal.signal(signum, self._on_signal)
+
+    def close(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+
+def catch_signals(signals=(signal.SIGTERM,)) -> SignalCatcher:
+    """Hold preemption signals from now on; pass the result to
+    :class:`PreemptionGuard` as ``caught``. Call it right after creating the
+    strategy (which installs TensorFlow's handler) and before building the
+    model, the optimizer and the checkpoint manager."""
+    return SignalCatcher(signals)
+
+
 class PreemptionGuard:
     """Turn SIGTERM into "every worker saves this step and exits".
 
@@ -75,9 +118,13 @@ class PreemptionGuard:
             then cover that many steps more.
         signals: the signals that mean "preempted".
         log: where the decision is reported (a ``print``-like callable).
+        caught: a :class:`SignalCatcher` from :func:`catch_signals` that has
+            held the signals since the strategy was created (its signals are
+            used, and a signal it already holds counts).
     """
 
-    def __init__(self, optimizer, manager=None, check_every: int = 1, signals=(signal.SIGTERM,), log=None):
+    def __init__(self, optimizer, manager=None, check_every: int = 1, signals=(signal.SIGTERM,), log=None,
+                 caught: SignalCatcher | None = None):
         if type(check_every) is not int or check_every < 1:
             raise ValueError(f"check_every must be a positive integer, got {check_every!r}")
         if threading.current_thread() is not threading.main_thread():
@@ -87,19 +134,20 @@ class PreemptionGuard:
         self.optimizer = optimizer
         self.manager = manager
         self.check_every = check_every
-        self.received = None  # the first signal this process got
         self._calls = 0
         self._log = log or (lambda message: print(message, file=sys.stderr, flush=True))
-        self._previous = {}
-        for signum in signals:
-            self._previous[signum] = signal.signal(signum, self._on_signal)
+        # The agreement and the save happen at the next step boundary, on
+        # every worker at once; until then a signal is only a flag.
+        if caught is not None:
+            caught.reinstall()  # in case something installed a handler since
+            self._catcher = caught
+        else:
+            self._catcher = SignalCatcher(signals)
 
-    def _on_signal(self, signum, frame):
-        # Only a flag: a signal handler may run between any two bytecodes of
-        # the main thread, in the middle of a step; the agreement and the
-        # save happen at the next step boundary, on every worker at once.
-        if self.received is None:
-            self.received = signum
+    @property
+    def received(self):
+        """The first preemption signal this process got, or None."""
+        return self._catcher.received
 
     @property
     def requested(self) -> bool:
@@ -137,9 +185,7 @@ class PreemptionGuard:
 
     def close(self) -> None:
         """Put the previous signal handlers back."""
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-        self._previous = {}
+        self._catcher.close()
 
     def __enter__(self):
         return self

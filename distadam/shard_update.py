@@ -10,8 +10,9 @@ On one CPU thread a 1.2M-element shard's update measured ~13 ms fused against
 finish its update well before an unsharded Adam finishes the whole.
 
 Fusion may round differently from op-by-op execution (a multiply-add may be
-contracted); every worker runs the same compiled code, so workers stay
-identical, and the results stay within float rounding of
+contracted). Each replica compiles its own program of this function; the
+workers stay identical anyway, because each element is updated once, by the
+worker that owns it, and all-gathered. The results stay within float rounding of
 ``keras.optimizers.Adam``. ``ShardedAdam(fused_update=False)`` runs the same
 function op by op instead.
 

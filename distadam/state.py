@@ -19,6 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from distadam import _keras_internals as hooks
 from distadam.collectives import Collectives
 from distadam.partition import Layout
 
@@ -90,6 +91,12 @@ class ShardedState:
         """One :class:`ShardStateVariable` per bucket."""
         self._check_kind(kind)
         return list(self._variables[kind])
+
+    def local_handle(self, kind, bucket_index: int):
+        """Inside a step: the resource handle of this replica's copy of
+        ``kind``'s variable of bucket ``bucket_index``, which the compiled
+        update writes in place (:func:`distadam.shard_update.in_place`)."""
+        return hooks.local_handle(self._variables[kind][bucket_index])
 
     def all_variables(self) -> list:
         return [v for kind in self.kinds for v in self._variables[kind]]

@@ -198,11 +198,17 @@ class HorovodRuntime:
 def main(argv=None):
     args = parse_args(argv)
     runtime = HorovodRuntime(args) if args.backend == "horovod" else DistributeRuntime(args)
+    # From here on a SIGTERM is held (creating the strategy installed
+    # TensorFlow's handler, which would swallow it) until the preemption
+    # guard, which needs the optimizer, takes over and acts on it.
+    from distadam.preemption import catch_signals
+
+    caught = catch_signals()
 
     import keras
 
     import distadam
-    from distadam.watchdog import StallWatchdog
+    from distadam.watchdog import StallWatchdog, long_operation
 
     replicas = runtime.replicas
     if args.batch_size % replicas:
@@ -239,9 +245,9 @@ def main(argv=None):
         from distadam.checkpoint import ShardedCheckpointManager
 
         manager = ShardedCheckpointManager(args.checkpoint_dir, model, optimizer)
-    # Before restoring: from here on a SIGTERM is kept (TensorFlow's handler
-    # would swallow it) and acted on after the first step.
-    guard = start_preemption_guard(args, optimizer, manager)
+    # Before restoring: a SIGTERM held since the strategy was created is acted
+    # on after the first step.
+    guard = start_preemption_guard(args, optimizer, manager, caught)
     if manager is not None:
         restored = manager.restore()
         log(f"resumed from {restored} at step {int(optimizer.iterations.numpy())}" if restored
@@ -269,7 +275,8 @@ def main(argv=None):
                 watchdog.beat()
             if guard is not None:
                 guard.step_done()  # on SIGTERM: every worker saves this step and exits (code 42)
-        accuracy = evaluate(model, x_test, y_test)
+        with long_operation("evaluation"):  # not a stall (saves announce themselves)
+            accuracy = evaluate(model, x_test, y_test)
         log(f"epoch {epoch + 1}/{args.epochs}: loss {np.mean(losses):.4f}, test accuracy {accuracy:.4f} "
             f"({time.perf_counter() - started:.1f}s)")
     if watchdog is not None:
@@ -287,15 +294,18 @@ def main(argv=None):
     return 0
 
 
-def start_preemption_guard(args, optimizer, manager):
+def start_preemption_guard(args, optimizer, manager, caught):
     """SIGTERM -> every worker saves the current step and exits with 42. Only
     with ShardedAdam, whose collectives carry the workers' agreement."""
     from distadam.preemption import PreemptionGuard
 
     if not hasattr(optimizer, "collectives"):
+        caught.close()  # nothing will act on a held signal: the default applies again
+        if caught.received is not None:
+            raise SystemExit(f"received signal {caught.received} before training started")
         return None
     return PreemptionGuard(optimizer, manager, check_every=args.preemption_check_every,
-                           log=lambda message: print(message, flush=True))
+                           log=lambda message: print(message, flush=True), caught=caught)
 
 
 def evaluate(model, x, y) -> float:

@@ -111,7 +111,23 @@ mkdir -p "$CACHE_DIR" || die "cannot create wheel cache $CACHE_DIR"
 exec 9>"$CACHE_DIR/.lock"
 if command -v flock >/dev/null; then flock 9; fi
 
+# Each cached wheel has a record, <wheel>.sha256, of the SHA-256 of the file
+# the build produced, written when it was built. A cached wheel is installed
+# only if it still has that digest: a wheel corrupted, truncated or swapped in
+# the cache (a directory outside the repository) without its record, or one
+# without a record, is refused, deleted and built again. Whoever can rewrite
+# both files can still plant a wheel: the cache is as trusted as your home.
+wheel_matches_record() {
+  [ -f "$1.sha256" ] && (cd "$(dirname "$1")" && sha256sum --status -c "$(basename "$1").sha256")
+}
+
 wheel=$(ls "$CACHE_DIR"/horovod-"$HOROVOD_VERSION"-*.whl 2>/dev/null | head -n1 || true)
+if [ -n "$wheel" ] && [ "${DISTADAM_HOROVOD_REBUILD:-0}" != 1 ] && ! wheel_matches_record "$wheel"; then
+  log "REFUSING cached wheel $wheel: it does not have the SHA-256 recorded when it was built" \
+      "($(basename "$wheel").sha256 $( [ -f "$wheel.sha256" ] && echo differs || echo is missing)); rebuilding"
+  rm -f "$wheel" "$wheel.sha256"
+  wheel=""
+fi
 if [ -n "$wheel" ] && [ "${DISTADAM_HOROVOD_REBUILD:-0}" != 1 ]; then
   log "using cached wheel $wheel"
 else
@@ -147,14 +163,26 @@ else
   fi
   built=$(ls "$work"/dist/horovod-*.whl 2>/dev/null | head -n1)
   [ -n "$built" ] || die "the build produced no wheel"
-  # Publish atomically so an interrupted copy is never taken for a good wheel.
-  cp "$built" "$CACHE_DIR/.partial.whl" && mv "$CACHE_DIR/.partial.whl" "$CACHE_DIR/$(basename "$built")"
-  wheel="$CACHE_DIR/$(basename "$built")"
-  log "built and cached $wheel in $((SECONDS - start)) s"
+  # Publish atomically so an interrupted copy is never taken for a good wheel:
+  # the wheel, then its digest record (a wheel without one is rebuilt).
+  name=$(basename "$built")
+  echo "$(sha256sum "$built" | cut -d' ' -f1)  $name" > "$CACHE_DIR/.partial.sha256"
+  rm -f "$CACHE_DIR/$name.sha256"
+  cp "$built" "$CACHE_DIR/.partial.whl" && mv "$CACHE_DIR/.partial.whl" "$CACHE_DIR/$name"
+  mv "$CACHE_DIR/.partial.sha256" "$CACHE_DIR/$name.sha256"
+  wheel="$CACHE_DIR/$name"
+  log "built and cached $wheel (SHA-256 $(cut -d' ' -f1 "$wheel.sha256")) in $((SECONDS - start)) s"
 fi
 
-log "installing $(basename "$wheel")"
-pip_install --force-reinstall --no-deps "$wheel" || die "could not install $wheel"
+# Install a private copy, checked against the record after copying, so the
+# file pip reads is the one that was checked.
+install_dir=$(mktemp -d "${TMPDIR:-/tmp}/distadam-horovod-wheel.XXXXXX")
+trap 'rm -rf "$install_dir" "${work:-}"' EXIT
+cp "$wheel" "$wheel.sha256" "$install_dir/"
+wheel_matches_record "$install_dir/$(basename "$wheel")" \
+  || die "$wheel changed while it was being installed (its SHA-256 is not the recorded one); rerun to rebuild it"
+log "installing $(basename "$wheel") (SHA-256 $(cut -d' ' -f1 "$wheel.sha256"), as built)"
+pip_install --force-reinstall --no-deps "$install_dir/$(basename "$wheel")" || die "could not install $wheel"
 # Its Python dependencies come from PyPI as usual (pinned by horovod itself).
 pip_install cloudpickle psutil pyyaml packaging || die "could not install horovod's Python dependencies"
 

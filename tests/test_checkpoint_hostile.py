@@ -21,8 +21,8 @@ import tensorflow as tf
 
 from conftest import WORKERS, worker_env
 from distadam import ShardedAdam
-from distadam import checkpoint as checkpoint_module
 from distadam import checkpoint_files
+from distadam import checkpoint_space
 from distadam.checkpoint import LOCK_FILE, CheckpointError, ShardedCheckpointManager
 
 
@@ -175,7 +175,7 @@ def test_huge_shard_count_is_rejected_before_anything_is_built(two_checkpoints):
     reseal(newer, lambda m: m["sharded"].__setitem__("num_shards", 10**7))
     tracemalloc.start()
     try:
-        expect_fallback(directory, good, saved, "lists 2 files for 10000000 shards")
+        expect_fallback(directory, good, saved, "num_shards is 10000000, expected at most")
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -354,13 +354,13 @@ def test_low_space_prunes_early_and_refuses_clearly(tmp_path, monkeypatch):
         count = len(manager.checkpoints())
         return usage._replace(free=needed - 1 if count >= 3 else needed)
 
-    monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", room_with_two_checkpoints)
+    monkeypatch.setattr(checkpoint_space.shutil, "disk_usage", room_with_two_checkpoints)
     optimizer.iterations_variable.assign(6)
     with pytest.warns(UserWarning, match="deleting ckpt-000000000003 before saving"):
         manager.save()
     assert [p.name[-1] for p in manager.checkpoints()] == ["4", "5", "6"]
 
-    monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    monkeypatch.setattr(checkpoint_space.shutil, "disk_usage", lambda path: usage._replace(free=1000))
     optimizer.iterations_variable.assign(7)
     with pytest.warns(UserWarning), pytest.raises(CheckpointError, match=f"needs up to {needed:,} bytes.*1,000 bytes are free"):
         manager.save()
@@ -440,3 +440,110 @@ def test_save_replaces_a_symlink_planted_under_its_name_without_following_it(tmp
     saved = ShardedCheckpointManager(directory, model, optimizer).save()
     assert saved.is_dir() and not saved.is_symlink() and (saved / "manifest.json").exists()
     assert (elsewhere / "precious.txt").read_text() == "not a checkpoint"
+
+
+# ------------------------------------------------- issue 25, items 1-3 and 9
+def test_a_full_disk_while_taking_the_writer_lock_does_not_wedge_later_saves(tmp_path, monkeypatch):
+    """ENOSPC while writing the writer record: a clear CheckpointError (which
+    every process of a job learns through the agreement), the lock's file
+    descriptor closed, and the next save, once space is back, works."""
+    model, optimizer = make_trained()
+    manager = ShardedCheckpointManager(tmp_path, model, optimizer)
+    real = os.pwrite
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(CheckpointError, match="writer record .*No space left.*later saves will retry"):
+        manager.save()
+    monkeypatch.setattr(os, "pwrite", real)
+    assert manager.save() == tmp_path / "ckpt-000000000003"
+    manager.close()
+
+
+def test_resaving_the_committed_step_keeps_it_when_the_replacement_fails(tmp_path, monkeypatch):
+    """The SIGTERM save right after a periodic save writes the same step
+    again: until the new copy is committed the old one stays whole."""
+    model, optimizer = make_trained()
+    manager = ShardedCheckpointManager(tmp_path, model, optimizer)
+    first = manager.save()
+    saved = snapshot(model, optimizer)
+    for v in model.trainable_variables:
+        v.assign(v + 1.0)
+    real = os.replace
+
+    def rename_fails(src, dst, *args, **kwargs):
+        if str(dst) == str(first) and checkpoint_files.PARTIAL_PREFIX in str(src):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", rename_fails)
+    with pytest.raises(CheckpointError, match="Input/output error"):
+        manager.save()
+    monkeypatch.setattr(os, "replace", real)
+    assert manager.checkpoints() == [first]
+    restored, fresh_model, fresh_optimizer = restore_fresh(tmp_path)
+    assert restored == first
+    assert_same(snapshot(fresh_model, fresh_optimizer), saved)
+
+    changed = snapshot(model, optimizer)         # a re-save that succeeds replaces it
+    assert manager.save() == first
+    restored, fresh_model, fresh_optimizer = restore_fresh(tmp_path)
+    assert_same(snapshot(fresh_model, fresh_optimizer), changed)
+    assert checkpoint_files.list_superseded(tmp_path) == []
+    manager.close()
+
+
+def test_a_save_killed_while_replacing_its_step_leaves_the_old_copy_usable(tmp_path):
+    model, optimizer = make_trained()
+    with ShardedCheckpointManager(tmp_path, model, optimizer) as manager:
+        first = manager.save()
+    saved = snapshot(model, optimizer)
+    # What a kill between moving the committed copy aside and renaming the
+    # replacement into place leaves behind:
+    aside = tmp_path / checkpoint_files.superseded_name(3)
+    os.replace(first, aside)
+    shutil.copytree(aside, tmp_path / checkpoint_files.partial_name(3, "0123456789abcdef"))
+    restored, fresh_model, fresh_optimizer = restore_fresh(tmp_path)
+    assert restored == aside
+    assert_same(snapshot(fresh_model, fresh_optimizer), saved)
+    # The restarted job's first save puts it back under its name and cleans up.
+    fresh_optimizer.iterations_variable.assign(5)
+    with ShardedCheckpointManager(tmp_path, fresh_model, fresh_optimizer) as manager:
+        manager.save()
+    assert [p.name for p in manager.checkpoints()] == ["ckpt-000000000003", "ckpt-000000000005"]
+    assert checkpoint_files.list_superseded(tmp_path) == checkpoint_files.list_partials(tmp_path) == []
+
+
+@pytest.mark.parametrize("value", [-1.0, 1e300], ids=["negative", "beyond-float32"])
+def test_a_learning_rate_the_first_step_would_choke_on_falls_back(two_checkpoints, value):
+    directory, good, saved, newer = two_checkpoints
+    reseal(newer, lambda m: m.__setitem__("learning_rate_value", value))
+    expect_fallback(directory, good, saved, "learning_rate_value")
+
+
+def test_a_step_beyond_the_int64_counter_falls_back(two_checkpoints):
+    directory, good, saved, newer = two_checkpoints
+    huge = 1 << 64
+    reseal(newer, lambda m: m.__setitem__("step", huge))
+    os.replace(newer, directory / checkpoint_files.checkpoint_name(huge))
+    expect_fallback(directory, good, saved, "field step")
+
+
+def test_unknown_manifest_keys_are_refused(two_checkpoints):
+    directory, good, saved, newer = two_checkpoints
+    reseal(newer, lambda m: m["sharded"]["buckets"][0].__setitem__("compression", "zstd"))
+    expect_fallback(directory, good, saved, r"buckets\[0\] has keys this format does not have.*compression")
+    reseal(newer, lambda m: (m["sharded"]["buckets"][0].pop("compression"), m.__setitem__("extra", 1)))
+    expect_fallback(directory, good, saved, r"\(top level\) has keys this format does not have.*extra")
+
+
+def test_a_manifest_larger_than_this_models_can_be_is_not_parsed(two_checkpoints, monkeypatch):
+    directory, good, saved, newer = two_checkpoints
+    reseal(newer, lambda m: m.__setitem__("job", "x" * (1 << 20)))
+    parsed = []
+    real = checkpoint_files.open_manifest
+    monkeypatch.setattr(checkpoint_files, "open_manifest", lambda data: parsed.append(len(data)) or real(data))
+    expect_fallback(directory, good, saved, r"manifest.json has \d+ bytes, more than the \d+")
+    assert max(parsed) < 1 << 16, "the oversized manifest was parsed"

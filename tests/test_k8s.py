@@ -28,6 +28,8 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import jsonschema
@@ -364,6 +366,44 @@ def test_replica_counts_agree():
     mpijob = find(kustomize_build("mpijob"), "MPIJob")["spec"]
     args = mpijob["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]["args"]
     assert int(args[args.index("-np") + 1]) == mpijob["mpiReplicaSpecs"]["Worker"]["replicas"] * mpijob["slotsPerWorker"]
+
+
+def pod_failure_policy_action(policy, container, exit_code, conditions=()):
+    """What the Job controller does with a failed pod under ``policy``: the
+    action of the first matching rule, or "Count" (counts against backoffLimit)."""
+    for rule in policy["rules"]:
+        codes = rule.get("onExitCodes")
+        if codes and codes.get("containerName", container) == container:
+            matched = exit_code in codes["values"]
+            if matched == (codes["operator"] == "In"):
+                return rule["action"]
+        for condition in rule.get("onPodConditions", []):
+            if condition["type"] in conditions and condition.get("status", "True") == "True":
+                return rule["action"]
+    return "Count"
+
+
+def test_indexed_job_does_not_count_preemptions_as_failures(crds):
+    """A worker that saved on SIGTERM exits EXIT_PREEMPTED (42); a pod the
+    cluster disrupts has the DisruptionTarget condition: neither counts
+    against backoffLimit, so repeated preemptions cannot fail the Job. A
+    crash still counts. podFailurePolicy is valid only with restartPolicy Never."""
+    from distadam.preemption import EXIT_PREEMPTED
+
+    job = find(kustomize_build("indexed-job"), "Job")
+    validate(job, crds)
+    template = job["spec"]["template"]
+    assert template["spec"]["restartPolicy"] == "Never"
+    policy = job["spec"]["podFailurePolicy"]
+    (container,) = [c["name"] for c in template["spec"]["containers"]]
+    assert pod_failure_policy_action(policy, container, EXIT_PREEMPTED) == "Ignore"
+    assert pod_failure_policy_action(policy, container, 137, ["DisruptionTarget"]) == "Ignore"
+    for crash in (1, 75, 137):  # an error, the stall watchdog, an OOM kill
+        assert pod_failure_policy_action(policy, container, crash) == "Count", crash
+    broken = copy.deepcopy(job)
+    broken["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] = "42"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(broken, crds)
 
 
 def test_tfjob_matches_what_the_training_operator_injects_into():
@@ -740,3 +780,154 @@ def test_mpijob_ssh_host_keys_are_per_pod_and_verified_within_the_job(tmp_path):
     run_pods([launcher], [words[:2] + ["true"]])
     known_hosts = Path(launcher.env["DISTADAM_SSH_KNOWN_HOSTS"]).read_text().splitlines()
     assert known_hosts == [f"@cert-authority * {(auth / 'id_rsa.pub').read_text().strip()}"]
+
+
+# ------------------------------------------------------- MPIJob preemption
+MPI_FAKE_SSH = ROOT / "tests" / "workers" / "mpi_fake_ssh.py"
+MPI_PREEMPTED_RANK = ROOT / "tests" / "workers" / "mpi_preempted_rank.py"
+# A network namespace with only loopback for the whole local MPIJob: ORTE
+# looks the pods' DNS names up, and here that fails at once instead of asking
+# the machine's resolver; orted reaches mpirun over this namespace's 127.0.0.1.
+NAMESPACE_HOLDER = ("import sys\nfrom distadam.launch import Sandbox\nSandbox(private_network=True)\n"
+                    "print('ready', flush=True)\nsys.stdin.read()\n")
+
+
+def kill_tagged(tag):
+    """SIGKILL every process whose environment carries DISTADAM_TEST_JOB=tag."""
+    marker = f"DISTADAM_TEST_JOB={tag}".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except (OSError, ValueError):
+                continue
+
+
+def ancestors(pid):
+    chain = []
+    while pid > 1:
+        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        chain.append(pid)
+    return chain
+
+
+def wait_for_paths(paths, timeout, what, processes=()):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(Path(p).exists() for p in paths):
+            return
+        for process in processes:
+            if process.poll() is not None:
+                pytest.fail(f"{what}: {process.args[:4]} exited ({process.returncode}) first:\n"
+                            f"{process.communicate()[0][-3000:]}")
+        time.sleep(0.05)
+    pytest.fail(f"{what}: still missing after {timeout}s: {[str(p) for p in paths if not Path(p).exists()]}")
+
+
+@pytest.mark.timeout(120)
+def test_mpijob_worker_pods_forward_sigterm_to_every_rank(tmp_path):
+    """The kubelet's SIGTERM to each worker pod's PID 1 reaches every training
+    rank in the pod, and the pod waits while the ranks save. Executed: each
+    worker pod's command from the YAML (its PID-1 wrapper, then
+    mpijob_worker_sshd.sh with its per-pod host key), the launcher pod's
+    command with the operator's hostfile, and a real Open MPI mpirun that
+    starts orted in each worker pod through its "sshd" (tests/workers/
+    mpi_fake_ssh.py hands the session to the pod, as sshd would) and orted
+    the ranks there. Then SIGTERM to each pod's PID 1 only, as the kubelet
+    sends it. (horovodrun --mpi runs this mpirun; it is called directly since
+    horovodrun's own ssh pre-check needs a real sshd.)"""
+    mpirun_path = Path(sys.executable).with_name("mpirun")
+    if not mpirun_path.exists() or not Path(sys.executable).with_name("orted").exists():
+        pytest.skip("Open MPI is not installed in this venv (scripts/install_horovod.sh)")
+    if os.geteuid() != 0 or shutil.which("nsenter") is None:
+        pytest.skip("entering the test's network namespace needs root and nsenter")
+    (mpijob,) = load_documents(K8S / "mpijob" / "mpijob.yaml")
+    spec = mpijob["spec"]
+    name, workers, slots = mpijob["metadata"]["name"], spec["mpiReplicaSpecs"]["Worker"]["replicas"], \
+        spec.get("slotsPerWorker", 1)
+    worker_template = spec["mpiReplicaSpecs"]["Worker"]["template"]
+    grace = worker_template["spec"].get("terminationGracePeriodSeconds", 30)  # 30: Kubernetes' default
+    save_seconds = 1.5  # longer than orted's 1 s between its SIGTERM and SIGKILL
+    auth = job_ssh_key(tmp_path / "job-ssh")
+    results = tmp_path / "ranks"
+    results.mkdir()
+    sockets = Path(tempfile.mkdtemp(prefix="fake-sshd-"))  # a Unix socket path has 108 bytes at most
+    tag = os.urandom(8).hex()
+    sshd = tmp_path / "sshd"
+    sshd.write_text(f"#!/bin/sh\nexec {sys.executable} {MPI_FAKE_SSH} serve \"$FAKE_SSHD_SOCKET\" \"$@\"\n")
+    sshd.chmod(0o755)
+    mpi_env = {"DISTADAM_TEST_JOB": tag, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+               "OMPI_MCA_mpi_yield_when_idle": "1"}
+
+    holder = subprocess.Popen([sys.executable, "-c", NAMESPACE_HOLDER], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    enter = ["nsenter", f"--net=/proc/{holder.pid}/ns/net", "--"]
+    pods, hosts = [], {}
+    try:
+        assert holder.stdout.readline() == "ready\n", "could not make the test's network namespace"
+        for index in range(workers):
+            pod = LocalPod(f"{name}-worker-{index}", worker_template, "worker",
+                           {"DISTADAM_SSH_AUTH_DIR": str(auth), "DISTADAM_SSHD": str(sshd),
+                            "FAKE_SSHD_SOCKET": str(sockets / f"{index}.sock"), **mpi_env}, tmp_path)
+            pod.env["TMPDIR"] = str(pod.mounts["/tmp"])
+            hosts[f"{name}-worker-{index}.{name}.{NAMESPACE}.svc"] = str(sockets / f"{index}.sock")
+            pod.start(enter + pod.command())
+            pods.append(pod)
+        # WaitForWorkersReady: every worker's sshd listens before the launcher starts.
+        wait_for_paths(hosts.values(), 30, "worker sshd", [p.process for p in pods])
+
+        hostfile = tmp_path / "hostfile"  # what the operator mounts at /etc/mpi/hostfile
+        hostfile.write_text("".join(f"{host} slots={slots}\n" for host in hosts))
+        launcher = LocalPod(f"{name}-launcher", spec["mpiReplicaSpecs"]["Launcher"]["template"], "launcher",
+                            # What the mpi-operator injects into an OpenMPI launcher:
+                            {"OMPI_MCA_orte_keep_fqdn_hostnames": "true",
+                             "OMPI_MCA_orte_default_hostfile": str(hostfile),
+                             "OMPI_MCA_plm_rsh_args": "-o ConnectionAttempts=10",
+                             "DISTADAM_SSH_AUTH_DIR": str(auth), "FAKE_SSH_HOSTS": json.dumps(hosts),
+                             "OMPI_MCA_plm_rsh_agent": f"{sys.executable} {MPI_FAKE_SSH}", **mpi_env}, tmp_path)
+        words = launcher.command()
+        assert words[:4] == ["bash", "scripts/mpijob_launcher.sh", "horovodrun", "--mpi"], words
+        np_ = words[words.index("-np") + 1]
+        assert int(np_) == workers * slots
+        launcher.start(enter + words[:2] + [str(mpirun_path), "-np", np_, "--hostfile", str(hostfile),
+                                            "--bind-to", "none", sys.executable, str(MPI_PREEMPTED_RANK),
+                                            str(results), str(save_seconds)])
+        pods.append(launcher)
+        ranks = range(workers * slots)
+        wait_for_paths([results / f"{r}.started" for r in ranks], 60, "ranks", [launcher.process])
+        # Every rank runs inside a worker pod: a descendant of that pod's PID 1.
+        for rank in ranks:
+            pid = int((results / f"{rank}.started").read_text())
+            assert pods[rank // slots].process.pid in ancestors(pid), f"rank {rank} is not in its worker pod"
+
+        started = time.monotonic()
+        for pod in pods[:workers]:
+            os.kill(pod.process.pid, signal.SIGTERM)  # the kubelet signals PID 1 only
+        for pod in pods[:workers]:
+            try:
+                pod.process.wait(timeout=min(grace, 30))
+            except subprocess.TimeoutExpired:
+                pass  # then the runtime's SIGKILL (below, in kill())
+        waited = time.monotonic() - started
+        for pod in pods:
+            pod.kill()
+        kill_tagged(tag)  # orted and the ranks, wherever they went; they hold the pods' output pipes
+        outputs = {pod.name: pod.process.stdout.read() for pod in pods}
+    finally:
+        for pod in pods:
+            pod.kill()
+        kill_tagged(tag)
+        holder.kill()
+        holder.wait()
+        shutil.rmtree(sockets, ignore_errors=True)
+    log = "\n".join(f"--- {pod}:\n{out[-2000:]}" for pod, out in outputs.items())
+    missing = [rank for rank in ranks if not (results / f"{rank}.sigterm").exists()]
+    assert not missing, f"SIGTERM never reached ranks {missing}:\n{log}"
+    unsaved = [rank for rank in ranks if not (results / f"{rank}.saved").exists()]
+    assert not unsaved, f"ranks {unsaved} were killed while saving:\n{log}"
+    for pod in pods[:workers]:
+        assert pod.process.returncode == 128 + signal.SIGTERM, f"{pod.name}:\n{log}"
+        assert "forwarded SIGTERM to rank process" in outputs[pod.name], log
+    assert save_seconds <= waited < min(grace, 30), f"the pods took {waited:.1f}s to stop"
+    assert grace >= 60, "a save needs the grace period the README promises (60 s)"

@@ -580,6 +580,72 @@ def test_horovod_scripts_say_how_to_get_horovod(tmp_path, script, tool):
     assert f"{tool} not found" in result.stderr and "run ./dev setup horovod" in result.stderr
 
 
+def mpi_tool(name):
+    path = Path(sys.executable).with_name(name)
+    return str(path) if path.exists() else None
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(mpi_tool("mpirun") is None, reason="no mpirun in the venv (./dev setup horovod)")
+def test_mpirun_local_ranks_expose_nothing_beyond_loopback(tmp_path):
+    """launch/mpirun_local.sh, read from the socket table while 2 real mpirun
+    ranks listen the way TensorFlow's gRPC server does (0.0.0.0): each rank's
+    listening socket lives in a network namespace other than the machine's
+    whose only interface is lo, and the machine's 127.0.0.1 does not answer on
+    it. (Before, the ranks listened on 0.0.0.0 in the machine's namespace.)"""
+    listen_probe = ROOT / "tests" / "workers" / "mpi_listen_probe.py"
+    env = {**clean_env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DISTADAM_PYTHON": sys.executable, "NPROC": "2"}
+    if os.geteuid() == 0:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    proc = start_process(["bash", ROOT / "launch" / "mpirun_local.sh", listen_probe, tmp_path], cwd=ROOT, env=env,
+                         separate_stderr=True)
+    try:
+        wait_for_files(tmp_path, "*.ready", 2, timeout=60, proc=proc)
+        for ready in sorted(tmp_path.glob("*.ready")):
+            rank = json.loads(ready.read_text())
+            sockets = listening_sockets(rank["pid"])
+            assert rank["port"] in {port for _, port in sockets}, (rank, sockets)
+            assert network_namespace(rank["pid"]) != network_namespace(), \
+                f"{ready.name}: listening in the machine's network namespace on {sockets}"
+            assert launch.network_interfaces(rank["pid"]) == ["lo"]
+            with socket.socket() as probe_socket, pytest.raises(ConnectionRefusedError):
+                probe_socket.settimeout(5)
+                probe_socket.connect(("127.0.0.1", rank["port"]))
+        (tmp_path / "stop").write_text("")
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 0, stderr[-3000:]
+
+
+@pytest.mark.timeout(60)
+def test_mpirun_local_needs_an_explicit_choice_to_use_the_machines_network(tmp_path):
+    """A HOSTFILE run cannot share one private namespace: refused unless
+    DISTADAM_NETWORK=host says so, and then run plainly, with a warning."""
+    # A venv whose mpirun only records its arguments: the script puts the
+    # venv's bin first on PATH, so nothing here can start a real mpirun.
+    (tmp_path / "venv").mkdir()
+    bin_dir = fake_bin(tmp_path / "venv" / "bin", "mpirun", 'printf "%s\\n" "$@" > "$MPIRUN_ARGS_FILE"\n')
+    (bin_dir / "python").symlink_to(sys.executable)
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node1 slots=2\n")
+    env = {"PATH": "/usr/bin:/bin", "DISTADAM_PYTHON": str(bin_dir / "python"), "HOSTFILE": str(hostfile),
+           "MPIRUN_ARGS_FILE": str(tmp_path / "args")}
+    script = ["bash", str(ROOT / "launch" / "mpirun_local.sh"), "train.py"]
+    refused = subprocess.run(script, env=env, capture_output=True, text=True, timeout=50)
+    assert refused.returncode == 2 and "Set DISTADAM_NETWORK=host to run anyway" in refused.stderr
+    assert not (tmp_path / "args").exists(), "mpirun ran anyway"
+    ran = subprocess.run(script, env={**env, "DISTADAM_NETWORK": "host"}, capture_output=True, text=True,
+                         timeout=50)
+    assert ran.returncode == 0, ran.stderr
+    assert "WARNING: DISTADAM_NETWORK=host" in ran.stderr
+    assert (tmp_path / "args").read_text().split()[-2:] == [str(bin_dir / "python"), "train.py"]
+    bad = subprocess.run(script, env={**env, "DISTADAM_NETWORK": "bridge"}, capture_output=True, text=True,
+                         timeout=50)
+    assert bad.returncode == 2 and "DISTADAM_NETWORK must be private or host" in bad.stderr
+
+
 # ------------------------------------------------------------ pure parts
 def test_worker_environments_describe_one_local_cluster():
     inherited = {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8", "SLURM_PROCID": "3",
@@ -631,6 +697,26 @@ def test_invalid_arguments_are_rejected(argv, message, capsys, tmp_path, monkeyp
     with pytest.raises(SystemExit) as raised:
         launch.parse_args(argv)
     assert raised.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_default_grace_period_fits_a_preemption_save(capsys):
+    """SIGINT/SIGTERM to the launcher (a preemption): by default the workers
+    get the Kubernetes manifests' terminationGracePeriodSeconds to save
+    (before, 5 s cut a save of any size); after a failure, when no save can
+    happen, still 5 s. An explicit --grace-period applies to both."""
+    import yaml
+
+    job = yaml.safe_load((ROOT / "k8s" / "indexed-job" / "job.yaml").read_text())
+    k8s_grace = job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    args = launch.parse_args([str(PROBE)])
+    assert launch.grace_period(args, signalled=True) == k8s_grace == 60
+    assert launch.grace_period(args, signalled=False) == 5
+    args = launch.parse_args(["--grace-period", "7", str(PROBE)])
+    assert launch.grace_period(args, signalled=True) == launch.grace_period(args, signalled=False) == 7
+    with pytest.raises(SystemExit):
+        launch.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "Default: 60 after SIGINT/SIGTERM to the launcher, time for a preemption save" in help_text
 
 
 def test_script_arguments_pass_through_untouched():

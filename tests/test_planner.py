@@ -270,3 +270,40 @@ def test_cli_table_and_rows_flags(capsys):
     assert "table0/embeddings" in out and "replicated (replicate=[...])" in out and "256 rows" in out
     with pytest.raises(SystemExit):
         cli(["plan", "--params", "1e6", "--table", "1e5y16", "--workers", "8"])
+
+
+@pytest.mark.parametrize("flags", [{}, {"amsgrad": True}, {"ema": True, "accumulation_steps": 2},
+                                   {"amsgrad": True, "ema": True, "accumulation_steps": 3}])
+def test_state_kinds_are_named_once_for_optimizer_and_planner(flags):
+    """cost_model.STATE_KINDS is the one list of state kinds: the optimizer's
+    names, in its order, and the planner's keys for them."""
+    from distadam import cost_model
+
+    model = small_model()
+    optimizer = distadam.ShardedAdam(amsgrad=flags.get("amsgrad", False), use_ema=flags.get("ema", False),
+                                     gradient_accumulation_steps=flags.get("accumulation_steps"))
+    optimizer.build(model.trainable_variables)
+    assert list(optimizer.sharded_state.kinds) == cost_model.state_kinds(**flags)
+    p = planner.plan(specs(model), 1, **flags)
+    assert list(p.sharded)[2:] == [cost_model.STATE_KINDS[k] for k in optimizer.sharded_state.kinds]
+
+
+def test_placement_defaults_are_the_optimizers():
+    import inspect
+
+    signature = inspect.signature(distadam.ShardedAdam.__init__).parameters
+    assert tuple(signature["replicate"].default) == planner.EMBEDDINGS
+    assert tuple(signature["row_sparse"].default) == planner.EMBEDDINGS
+
+
+def test_model_reading_without_the_private_keras_list(tmp_path, monkeypatch):
+    """The fallback when keras.src moves: the shapes are still read (only the
+    clean-up of Keras' deferred-variable list is skipped)."""
+    from distadam import planner_input
+
+    model = small_model()
+    path = tmp_path / "small.keras"
+    model.save(path)
+    monkeypatch.setattr(planner_input, "deferred_variables", lambda: None)
+    read = planner.variables_from_model(str(path))
+    assert [(v.shape, v.dtype) for v in read] == [(v.shape, v.dtype) for v in specs(model)]

@@ -14,7 +14,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import ROOT, free_ports, worker_env
+from conftest import ROOT, WORKERS, free_ports, worker_env
 from distadam import checkpoint_files
 from distadam.preemption import EXIT_PREEMPTED, Preempted, PreemptionGuard
 from distadam.watchdog import EXIT_STALLED
@@ -28,7 +28,7 @@ class Job:
     them (TF_CONFIG, no launcher between the signal and the worker), with
     their output drained in the background and every process cleaned up."""
 
-    def __init__(self, *args):
+    def __init__(self, *args, script=DIGITS):
         ports = free_ports(2)
         cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
         self.procs, self.outputs, self._threads = [], [[], []], []
@@ -36,7 +36,7 @@ class Job:
         for rank in range(2):
             env = worker_env(TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": rank}}),
                              DISTADAM_RANK=rank, PYTHONUNBUFFERED=1)
-            proc = subprocess.Popen([sys.executable, str(DIGITS), *map(str, args)], cwd=ROOT, env=env,
+            proc = subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=ROOT, env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     start_new_session=True)
             self.procs.append(proc)
@@ -148,6 +148,72 @@ def test_sigterm_to_process_0_and_to_both_workers(tmp_path):
         assert saved[0] == saved[1] and len(saved[0]) == 1, outputs
         assert int(saved[0][0]) % 3 == 0  # agreement every 3 steps
         assert [p.name for p in (folder / "ckpt").glob("ckpt-*")] == [checkpoint_files.checkpoint_name(int(saved[0][0]))]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_sigterm_before_the_guard_exists_is_held_not_lost(tmp_path):
+    """Rank 1 is signalled while its model is built: the strategy (and
+    TensorFlow's SIGTERM handler) exists, the guard does not yet. The signal
+    is held and acted on after the first step (before: swallowed, and the
+    job trained on until the platform's SIGKILL)."""
+    job = Job("--epochs", 1, "--max-steps", 6, "--checkpoint-dir", tmp_path / "ckpt", "--checkpoint-every", 10**6,
+              script=WORKERS / "digits_early_sigterm.py")
+    codes = job.finish(timeout=500)
+    outputs = "\n".join(job.output(r)[-3000:] for r in range(2))
+    assert codes == [EXIT_PREEMPTED, EXIT_PREEMPTED], outputs
+    assert "this worker got SIGTERM" in job.output(1), outputs
+    assert [p.name for p in (tmp_path / "ckpt").glob("ckpt-*")] == [checkpoint_files.checkpoint_name(1)]
+
+
+SLOW_SAVE = """
+import sys, time
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from test_checkpoint_hostile import make_trained
+from distadam.checkpoint import ShardedCheckpointManager
+from distadam.watchdog import StallWatchdog, long_operation
+
+model, optimizer = make_trained()
+dog = StallWatchdog(2, what="test step", long_operation_timeout=float(sys.argv[3]))
+real = np.savez
+def slow_savez(*args, **kwargs):
+    time.sleep(float(sys.argv[2]))
+    return real(*args, **kwargs)
+np.savez = slow_savez
+manager = ShardedCheckpointManager(sys.argv[4], model, optimizer)
+manager.save()                       # two files, each slower than the step bound
+print("saved", flush=True)
+np.savez = real
+with long_operation("evaluation"):
+    time.sleep(3)
+print("evaluated", flush=True)
+dog.beat()
+dog.close()
+"""
+
+
+@pytest.mark.timeout(180)
+def test_the_watchdog_does_not_count_saves_and_evaluation_as_stalls_but_still_bounds_them(tmp_path):
+    """Issue 25, item 7: with a 2 s step bound, a 6 s save and a 3 s
+    evaluation complete; a save longer than long_operation_timeout still
+    ends the process (a peer hanging in the save's agreement must not hang
+    the job)."""
+    tests = str(ROOT / "tests")
+    procs = [subprocess.Popen([sys.executable, "-c", SLOW_SAVE, tests, delay, bound, str(tmp_path / name)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env(),
+                              start_new_session=True)
+             for name, delay, bound in (("slow", "3", "30"), ("hung", "6", "4"))]
+    try:
+        (slow_out, slow_err), (hung_out, hung_err) = (proc.communicate(timeout=150) for proc in procs)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert procs[0].returncode == 0 and "evaluated" in slow_out, slow_err[-3000:]
+    assert procs[1].returncode == EXIT_STALLED, hung_err[-3000:]
+    assert "no checkpoint save to" in hung_err and "completed for 4s" in hung_err, hung_err[-3000:]
 
 
 # -------------------------------------------------------------- in-process

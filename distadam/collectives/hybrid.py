@@ -92,9 +92,9 @@ class ShardGroupCollectives(Collectives):
     over *all* workers (steps 1 + 2 of the module docstring),
     ``all_gather`` and ``all_reduce_sum`` span the group. The eager calls
     serve the state (consolidation): ``all_gather_eagerly`` returns the G
-    shards of one group (group 0; every group holds the same values) and
-    ``all_reduce_eagerly`` sums over all workers, as the agreement checks
-    that use it need.
+    shards of one group (group 0; every group holds the same values); there
+    is no eager all-reduce here (agreements span all workers:
+    ``Topology.everyone``).
     """
 
     def __init__(self, full: Collectives, group_size: int):
@@ -192,7 +192,11 @@ class ShardGroupCollectives(Collectives):
 
     # ----------------------------------------------------------- eager calls
     def all_reduce_eagerly(self, values) -> np.ndarray:
-        return self.full.all_reduce_eagerly(values)
+        # It used to sum over all N workers while num_workers said G: one name,
+        # two meanings. Eager agreements span the job: topology.everyone.
+        raise NotImplementedError(
+            "a shard group has no eager all-reduce; agreements between workers go through "
+            "optimizer.topology.everyone (all workers)")
 
     def all_gather_eagerly(self, variables) -> list:
         gathered = [np.asarray(g) for g in self.full.all_gather_eagerly(variables)]

@@ -152,6 +152,10 @@ class DistributeCollectives(Collectives):
         return tf.cast(self._context().replica_id_in_sync_group, tf.int32)
 
     # ---------------------------------------------------- in-step collectives
+    # Every collective goes through distadam's own launchers where the direct
+    # path is available (their keys are this strategy instance's alone: see
+    # distadam._tf_internals.own_group_key), else through the public
+    # ReplicaContext collectives (the portable path).
     def _reduce_scatter_sum(self, flat, name):
         if self.num_workers == 1:
             return flat
@@ -160,30 +164,32 @@ class DistributeCollectives(Collectives):
             if direct is not None:
                 return direct
         # An all-reduce is order-free: slice this worker's shard of the sum.
-        summed = self._context().all_reduce(tf.distribute.ReduceOp.SUM, flat)
+        summed = self._all_reduce_sum(flat, name)
         return slice_own_shard(summed, self.num_workers, self.worker_index())
 
     def _all_reduce_sum(self, values, name):
-        if self.num_workers == 1:
-            return values
-        return self._context().all_reduce(tf.distribute.ReduceOp.SUM, values)
+        return self._direct_or_portable(
+            _tf_internals.launcher_all_reduce, values,
+            lambda: self._context().all_reduce(tf.distribute.ReduceOp.SUM, values))
 
     def _all_gather(self, shard, name):
-        if self.num_workers == 1:
-            return shard
-        direct = self._call_direct(_tf_internals.equal_shard_all_gather, shard)
-        if direct is not None:
-            return direct
-        return self._order.flat_to_worker_order(self._context().all_gather(shard, axis=0))
+        return self._direct_or_portable(
+            _tf_internals.equal_shard_all_gather, shard,
+            lambda: self._order.flat_to_worker_order(self._context().all_gather(shard, axis=0)))
 
     def _all_gather_rows(self, rows, name):
+        # Row counts may differ (both paths exchange shapes first). Left in
+        # rank order: the rows are a sparse gradient's (index, value) pairs,
+        # packed together and summed by index, so which worker sent a row
+        # does not matter (every worker receives the same sequence).
+        return self._direct_or_portable(
+            _tf_internals.launcher_all_gather_rows, rows, lambda: self._context().all_gather(rows, axis=0))
+
+    def _direct_or_portable(self, per_device_fn, value, portable):
         if self.num_workers == 1:
-            return rows
-        # The public all-gather exchanges shapes first: row counts may differ.
-        # Left in rank order: the rows are a sparse gradient's (index, value)
-        # pairs, packed together and summed by index, so which worker sent a
-        # row does not matter (every worker receives the same sequence).
-        return self._context().all_gather(rows, axis=0)
+            return value
+        direct = self._call_direct(per_device_fn, value)
+        return direct if direct is not None else portable()
 
     def _call_direct(self, per_device_fn, value):
         """The direct collective's result, or None to take the portable path
@@ -238,9 +244,7 @@ class DistributeCollectives(Collectives):
                     variable, lambda var, val: var.assign(val), args=(value,), group=False
                 )
 
-        tf.__internal__.distribute.interim.maybe_merge_call(
-            assign_all, self._strategy, tf_variables, list(values)
-        )
+        _tf_internals.maybe_merge_call(assign_all, self._strategy, tf_variables, list(values))
 
     def state_variable_options(self) -> dict:
         if self.num_workers == 1:
@@ -261,12 +265,7 @@ class DistributeCollectives(Collectives):
             # MirroredStrategy's all-reduce needs to find its destinations.
             @tf.function
             def reduce(tensor):
-                return strategy.run(
-                    lambda t: tf.distribute.get_replica_context().all_reduce(
-                        tf.distribute.ReduceOp.SUM, tf.identity(t)
-                    ),
-                    args=(tensor,),
-                )
+                return strategy.run(lambda t: self._all_reduce_sum(tf.identity(t), None), args=(tensor,))
 
             self._eager_all_reduce = reduce
         result = self._eager_all_reduce(tf.constant(values))

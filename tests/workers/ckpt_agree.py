@@ -2,7 +2,10 @@
 
 usage: python ckpt_agree.py DIR
 
-Trains and saves steps 10 and 12, then restores twice into fresh models:
+First, process 0's disk is full while it takes the writer lock (its
+``os.pwrite`` fails with ENOSPC): every rank's save raises CheckpointError
+(none waits forever in the agreement) and a later save works. Then it trains
+and saves steps 10 and 12, and restores twice into fresh models:
 
 1. "lagging listing": rank 1's directory listing does not show ckpt-12 yet
    (what NFS attribute caching does to a directory another client just
@@ -14,6 +17,7 @@ Trains and saves steps 10 and 12, then restores twice into fresh models:
 Prints one "RESULT {json}" line per restore.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -28,7 +32,7 @@ strategy = distadam.strategy_from_env()
 
 import numpy as np  # noqa: E402
 
-from distadam.checkpoint import ShardedCheckpointManager  # noqa: E402
+from distadam.checkpoint import CheckpointError, ShardedCheckpointManager  # noqa: E402
 
 directory = sys.argv[1]
 rank = int(os.environ["DISTADAM_RANK"])
@@ -57,6 +61,21 @@ def barrier(optimizer):
 model, optimizer = fresh()
 manager = ShardedCheckpointManager(directory, model, optimizer, max_to_keep=3)
 train_step = common.make_train_step(strategy, model, optimizer)
+
+real_pwrite = os.pwrite
+if rank == 0:
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    os.pwrite = disk_full
+try:
+    manager.save()
+    outcome = "saved"
+except CheckpointError as error:
+    outcome = str(error)
+os.pwrite = real_pwrite
+print("RESULT " + json.dumps({"scenario": "lock-enospc", "rank": rank, "error": outcome}), flush=True)
+
 for step in range(12):
     train_step(*batch(step))
     if step + 1 in (10, 12):

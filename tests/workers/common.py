@@ -22,9 +22,13 @@ def _exit_on_uncaught(exc_type, exc, tb):
 
 sys.excepthook = _exit_on_uncaught
 
+import inspect
+
 import numpy as np
 import tensorflow as tf
 import keras
+
+from distadam import arguments as distadam_arguments
 
 GLOBAL_BATCH = 24
 VOCAB = 30
@@ -104,10 +108,10 @@ class DenseGradientAdam(keras.optimizers.Adam):
         return [int(x) for x in self._clip_record.numpy()]
 
 
-# ShardedAdam's own arguments, which keras.optimizers.Adam does not take.
-SHARDING_ARGUMENTS = ("backend", "bucket_elements", "shard_alignment", "skip_nonfinite", "max_consecutive_skips",
-                      "replicate", "row_sparse", "min_shard_elements", "fused_update",
-                      "shard_group_size")
+# ShardedAdam's own arguments, which keras.optimizers.Adam does not take
+# (declared once, in distadam.arguments).
+SHARDING_ARGUMENTS = tuple(sorted(set(distadam_arguments.OWN_ARGUMENTS)
+                                  - set(inspect.signature(keras.optimizers.Adam.__init__).parameters)))
 
 # The placement a case gets unless it names one: every variable's state
 # sharded. ShardedAdam's default keeps Embedding tables replicated; the cases

@@ -166,5 +166,6 @@ def get(case: dict, steps: int, loop: str = "custom", repeat: int = 1) -> Refere
 if __name__ == "__main__":
     cases, out_dir = json.loads(sys.argv[1]), Path(sys.argv[2])
     for index, case in enumerate(cases):
-        save(out_dir / f"ref-{index}.npz", get(case, case["steps"], case.get("mode", "custom")))
+        save(out_dir / f"ref-{index}.npz",
+             get(case, case["steps"], case.get("mode", "custom"), case.get("repeat", 1)))
     common.exit_now()

@@ -1,0 +1,125 @@
+"""Who talks to whom in one step: the communicators, each with one meaning.
+
+A step uses two groups of workers, and before this object each caller picked
+one per call from a backend whose ``num_workers`` meant the group size under
+hybrid sharding while its eager all-reduce spanned every worker (a wrong pick
+is silent when the group is all workers). :class:`Topology` names them once,
+when the optimizer is built:
+
+* ``everyone``: all N workers. Gradient rows of row-sparse variables,
+  replicated buckets, the agreements of checkpoints and preemption, the
+  build-time layout check, eager consolidation of model variables.
+* ``shard_group``: the G workers that together hold one copy of the sharded
+  state (``shard_group_size``; G = N by default, then it is ``everyone``).
+  Sharded buckets are reduce-scattered to it (the sum still spans all N),
+  norm statistics summed over it, parameters gathered within it.
+
+and the arithmetic between them: which group a worker is in, which shard it
+holds. ``workers_per_node`` is what a launcher says about the machines (the
+multi-node work builds on it); the step does not need it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from distadam.collectives import Collectives, hybrid
+
+#: Set by a launcher that knows how many workers share a machine (all nodes
+#: equal); read once, when the optimizer is built.
+WORKERS_PER_NODE_ENV = "DISTADAM_WORKERS_PER_NODE"
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    everyone: Collectives
+    shard_group: Collectives
+    workers_per_node: int | None = None
+
+    @classmethod
+    def build(cls, everyone: Collectives, shard_group_size=None, environ=None) -> "Topology":
+        """The topology of ``everyone`` sharded over groups of
+        ``shard_group_size`` consecutive workers (None: one group of all)."""
+        shard_group = hybrid.shard_group(everyone, shard_group_size)
+        return cls(everyone, shard_group, workers_per_node(everyone.num_workers, environ))
+
+    @property
+    def num_workers(self) -> int:
+        """N: every worker of the job."""
+        return self.everyone.num_workers
+
+    @property
+    def group_size(self) -> int:
+        """G: workers sharing one copy of the state (= the number of shards)."""
+        return self.shard_group.num_workers
+
+    @property
+    def num_groups(self) -> int:
+        """N / G: copies of the sharded state in the job."""
+        return self.num_workers // self.group_size
+
+    @property
+    def hybrid(self) -> bool:
+        return self.group_size < self.num_workers
+
+    def shard_of(self, worker: int) -> int:
+        """The shard worker ``worker`` holds (its position in its group)."""
+        return worker % self.group_size
+
+    def group_of(self, worker: int) -> int:
+        return worker // self.group_size
+
+    def local_workers(self) -> list:
+        """Indices (among all N) of the workers this process drives."""
+        return self.everyone.local_worker_indices()
+
+    def local_shards(self) -> list:
+        """The shard each of this process's workers holds, in the same order."""
+        return [self.shard_of(worker) for worker in self.local_workers()]
+
+    @property
+    def workers_per_process(self) -> int:
+        return len(self.local_workers())
+
+    @property
+    def process_index(self) -> int:
+        """This process's index (processes drive equally many consecutive workers)."""
+        return min(self.local_workers()) // self.workers_per_process
+
+    @property
+    def num_processes(self) -> int:
+        return self.num_workers // self.workers_per_process
+
+    def check_same_layout(self, layout) -> None:
+        """Build-time check (one tiny eager all-reduce over everyone) that
+        every worker laid out the same variables; a mismatch would otherwise
+        surface as a shape error in the first step's collectives or, worse,
+        as silently mixed shards."""
+        summed = self.everyone.all_reduce_eagerly(np.asarray(layout.agreement_terms(), np.float64))
+        if not layout.agrees_with(summed, self.num_workers):
+            raise ValueError(
+                "distadam: workers disagree on the trainable variables (number, shapes, "
+                f"dtypes or order): this worker has {layout.summary()}. "
+                "Every worker must build the same model with the same trainable flags."
+            )
+
+    def describe(self) -> str:
+        groups = f", {self.num_groups} groups of {self.group_size}" if self.hybrid else ""
+        nodes = f", {self.workers_per_node} per node" if self.workers_per_node else ""
+        return f"{self.num_workers} worker(s) over {self.everyone.name}{groups}{nodes}"
+
+
+def workers_per_node(num_workers: int, environ=None):
+    """``DISTADAM_WORKERS_PER_NODE`` checked against the job (a positive
+    integer dividing the number of workers), or None when not set."""
+    raw = (os.environ if environ is None else environ).get(WORKERS_PER_NODE_ENV)
+    if raw is None or not raw.strip():
+        return None
+    text = raw.strip()
+    if not text.isdigit() or int(text) < 1 or num_workers % int(text):
+        raise ValueError(f"{WORKERS_PER_NODE_ENV}={raw[:32]!r} must be a positive integer dividing "
+                         f"the number of workers ({num_workers})")
+    return int(text)
