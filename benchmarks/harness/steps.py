@@ -121,7 +121,7 @@ def sharded_exchange(optimizer):
 
     from distadam import bucket_ops
 
-    everyone, group = optimizer.collectives, optimizer.shard_collectives
+    everyone, group = optimizer.topology.everyone, optimizer.topology.shard_group
 
     def exchange(grads):
         received = []

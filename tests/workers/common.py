@@ -205,9 +205,10 @@ def step_launches(optimizer) -> dict:
     """Collective launches counted while tracing, over the backend and, under
     hybrid sharding, the shard-group view (which counts its across-group
     all-reduce itself)."""
-    launches = dict(optimizer.collectives.launches)
-    if optimizer.shard_collectives is not optimizer.collectives:
-        for kind, count in optimizer.shard_collectives.launches.items():
+    topology = optimizer.topology
+    launches = dict(topology.everyone.launches)
+    if topology.shard_group is not topology.everyone:
+        for kind, count in topology.shard_group.launches.items():
             launches[kind] += count
     return launches
 
@@ -216,8 +217,8 @@ def group_ops(optimizer):
     """None without hybrid sharding, else how the group collectives run:
     "direct" (subgroup collectives), "emulated" (over all workers) or "none"
     (groups of one)."""
-    view = optimizer.shard_collectives
-    if view is optimizer.collectives:
+    view = optimizer.topology.shard_group
+    if not optimizer.topology.hybrid:
         return None
     if view.num_workers == 1:
         return "none"
