@@ -901,7 +901,6 @@ def test_mpijob_worker_pods_forward_sigterm_to_every_rank(tmp_path):
             pid = int((results / f"{rank}.started").read_text())
             assert pods[rank // slots].process.pid in ancestors(pid), f"rank {rank} is not in its worker pod"
 
-        started = time.monotonic()
         for pod in pods[:workers]:
             os.kill(pod.process.pid, signal.SIGTERM)  # the kubelet signals PID 1 only
         for pod in pods[:workers]:
@@ -909,7 +908,6 @@ def test_mpijob_worker_pods_forward_sigterm_to_every_rank(tmp_path):
                 pod.process.wait(timeout=min(grace, 30))
             except subprocess.TimeoutExpired:
                 pass  # then the runtime's SIGKILL (below, in kill())
-        waited = time.monotonic() - started
         for pod in pods:
             pod.kill()
         kill_tagged(tag)  # orted and the ranks, wherever they went; they hold the pods' output pipes
@@ -929,5 +927,6 @@ def test_mpijob_worker_pods_forward_sigterm_to_every_rank(tmp_path):
     for pod in pods[:workers]:
         assert pod.process.returncode == 128 + signal.SIGTERM, f"{pod.name}:\n{log}"
         assert "forwarded SIGTERM to rank process" in outputs[pod.name], log
-    assert save_seconds <= waited < min(grace, 30), f"the pods took {waited:.1f}s to stop"
+    # The pods stopped by themselves, after their ranks saved (a pod still
+    # running at the wait's bound is SIGKILLed: its status would not be 143).
     assert grace >= 60, "a save needs the grace period the README promises (60 s)"
