@@ -10,7 +10,7 @@ usage: python two_strategies.py N
 Trains the same model on the same data with `model.fit` under a fresh
 MirroredStrategy(N) each time: Keras Adam, ShardedAdam (global_clipnorm,
 eager all-reduces through a checkpoint-style call), ShardedAdam in groups of
-2, ShardedAdam with SwapEMAWeights, then the pair Keras Adam / ShardedAdam
+N/2, ShardedAdam with SwapEMAWeights, then the pair Keras Adam / ShardedAdam
 under the mixed_bfloat16 policy. Prints "RESULT {json}": each run's final
 weights' largest relative difference from its one-device reference.
 """
@@ -74,9 +74,10 @@ result = {
     "sharded": difference(train(lambda: distadam.ShardedAdam(0.01, global_clipnorm=0.5, fused_update=False)),
                           clipped),
 }
-if replicas % 2 == 0 and replicas > 2:
-    result["sharded_groups_of_2"] = difference(train(lambda: distadam.ShardedAdam(
-        0.01, global_clipnorm=0.5, shard_group_size=2, fused_update=False)), clipped)
+if replicas % 2 == 0:
+    # Hybrid sharding: subgroup keys of their own too (groups of 1 at N=2).
+    result["sharded_in_groups"] = difference(train(lambda: distadam.ShardedAdam(
+        0.01, global_clipnorm=0.5, shard_group_size=replicas // 2, fused_update=False)), clipped)
 result["clipping_changed_the_result"] = difference(plain, clipped)
 
 # keras.callbacks.SwapEMAWeights (it reads _model_variables_moving_average):
