@@ -12,12 +12,22 @@ params, batch 256), ``embedding`` (Embedding(200k, 32) -> mean of 16 ids ->
 Dense 64 -> 8, sparse gradients, batch 32), ``transformer`` (one pre-norm
 Transformer block: 4-head self-attention + MLP, LayerNorms, d=128, length 64,
 batch 8).
+
+``--variants 'g4={"shard_group_size": 4};g2={"shard_group_size": 2}'`` times
+those ShardedAdam variants (label=kwargs-json) on every model instead of the
+per-model defaults; ``--floors grads_only`` keeps only some floors;
+``--net-bytes eth0`` (an emulated node's interface under ``distadam launch
+--nodes``, read from /proc/self/net/dev) also counts the bytes that
+interface sends and receives per step, for every timed variant, on the first
+worker of each node (one node's total: traffic between a node's own workers
+stays on loopback). benchmarks/emulated_cluster_steps.py runs it so.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 from harness import accounting, collectives, models, steps, timing
@@ -29,8 +39,16 @@ parser.add_argument("--steps", type=int, default=5)
 parser.add_argument("--warmup", type=int, default=3)
 parser.add_argument("--inter-op-threads", type=int, default=1,
                     help="TensorFlow inter-op threads (default 1; 0: TensorFlow's default, one per core)")
-parser.add_argument("--no-floors", dest="floors", action="store_false",
+parser.add_argument("--floors", default="grads_only,keras_collectives,sharded_collectives",
+                    help="communication floors to time (comma-separated; default all three)")
+parser.add_argument("--no-floors", dest="floors", action="store_const", const="",
                     help="skip the communication floors (gradients alone; gradients + each optimizer's collectives)")
+parser.add_argument("--variants", default=None,
+                    help="ShardedAdam variants for every model, 'label=kwargs-json;...' "
+                         "(default: the per-model variants below)")
+parser.add_argument("--net-bytes", default=None, metavar="IFACE",
+                    help="also count IFACE's tx/rx bytes per step for every timed variant, per node")
+parser.add_argument("--net-bytes-steps", type=int, default=5)
 parser.add_argument("--out", required=True)
 ARGS = parser.parse_args()
 steps.quiet_tensorflow()
@@ -53,6 +71,12 @@ VARIANTS = {
     "small_buckets_whole": {"min_shard_elements": 1 << 20},
 }
 MODEL_VARIANTS = {"embedding": ("default", "table_sharded"), "dense_compute_bound": ("default", "small_buckets_whole")}
+if ARGS.variants:
+    VARIANTS = dict((label, json.loads(kwargs or "{}")) for label, _, kwargs in
+                    (item.partition("=") for item in ARGS.variants.split(";") if item))
+    MODEL_VARIANTS = {}
+FLOOR_NAMES = tuple(f for f in ARGS.floors.split(",") if f)
+WORKERS_PER_NODE = int(os.environ.get("DISTADAM_WORKERS_PER_NODE", "0")) or N
 
 
 def state_bytes(optimizer, model):
@@ -79,7 +103,7 @@ def time_model(name):
     runners, info = {}, {}
     x, y = steps.multiprocess_batch(STRATEGY, spec, RANK)
     optimizers = {"adam": lambda: keras.optimizers.Adam()}
-    for variant in MODEL_VARIANTS.get(name, ("default",)):
+    for variant in MODEL_VARIANTS.get(name, tuple(VARIANTS) if ARGS.variants else ("default",)):
         optimizers[variant] = lambda v=variant: distadam.ShardedAdam(**VARIANTS[v])
     sparse_rows = {}
     for label, make_optimizer in optimizers.items():
@@ -96,20 +120,26 @@ def time_model(name):
         step = steps.multiprocess_step(STRATEGY, model, optimizer, spec["batch"] * N)
         runners[label] = steps.runner(STRATEGY, step, x, y)
         runners[label]()  # trace (and record the collectives) once, outside the timing
+        hybrid = sharded and optimizer.shard_group_size not in (None, N)
         info[label] = {
             "state_bytes": state_bytes(optimizer, model),
             "params": int(sum(np.prod(v.shape) for v in model.trainable_variables)),
-            "bytes_sent_per_step": ring_bytes(recorder.calls) if sharded else keras_bytes(model, sparse_rows),
+            # ring_bytes counts every call over all N workers: not a hybrid step's.
+            "bytes_sent_per_step": None if hybrid else
+            ring_bytes(recorder.calls) if sharded else keras_bytes(model, sparse_rows),
+            "variables": [{"path": v.path, "shape": [int(d) for d in v.shape], "dtype": str(v.dtype)}
+                          for v in model.trainable_variables],
         }
         if sharded:
             info[label]["launches_per_step"] = dict(optimizer.collectives.launches)
             info[label]["buckets"] = [{"elements": b.num_elements, "placement": "replicated" if b.replicated else "sharded"}
                                       for b in optimizer.layout.buckets]
     floor_launches = None
-    if ARGS.floors:
+    if FLOOR_NAMES:
         floor_steps, floor_launches = floor_runners(spec, x, y)
         runners.update(floor_steps)
     samples = timing.interleaved_timing(runners, ARGS.repetitions, ARGS.steps, ARGS.warmup)
+    net_bytes = count_net_bytes(runners) if ARGS.net_bytes else None
     floors = {k: samples.pop(k) for k in FLOORS if k in samples}
     result = {"workers": N, "per_worker_batch": spec["batch"], "optimizers": info,
               "times": {k: timing.time_stats(v) for k, v in samples.items()},
@@ -125,7 +155,54 @@ def time_model(name):
             # The collectives the floor traced: the same as ShardedAdam's step.
             "sharded_collectives_launches": floor_launches,
         }
+    if net_bytes is not None:
+        result["net_bytes_per_step"] = net_bytes
     return result
+
+
+def read_counters():
+    """[tx_bytes, rx_bytes] of ARGS.net_bytes in this process's network
+    namespace: /proc/self/net/dev (/sys/class/net shows the namespace that
+    mounted sysfs, not the node's)."""
+    with open("/proc/self/net/dev") as handle:
+        for line in handle:
+            name, _, fields = line.partition(":")
+            if fields and name.strip() == ARGS.net_bytes:
+                values = fields.split()
+                return [float(values[8]), float(values[0])]
+    raise SystemExit(f"no interface {ARGS.net_bytes!r} in this network namespace (/proc/self/net/dev)")
+
+
+def count_net_bytes(runners):
+    """Bytes ARGS.net_bytes sent and received per step while each runner ran
+    ARGS.net_bytes_steps steps alone (after one untimed step, so the
+    previous runner's traffic has drained), read on every worker and
+    gathered; per node, the first worker's reading (the interface is the
+    node's, shared by its workers). Edges: a peer may still be sending the
+    last step's tail when the counter is read (a few percent of one step's
+    traffic over ARGS.net_bytes_steps steps)."""
+    import tensorflow as tf
+
+    local = []
+    for label, run in runners.items():
+        run()
+        before = read_counters()
+        for _ in range(ARGS.net_bytes_steps):
+            run()
+        after = read_counters()
+        local += [(a - b) / ARGS.net_bytes_steps for a, b in zip(after, before)]
+
+    # Gathered as a sum of per-rank rows (a cross-replica reduce).
+    mine = np.zeros((N, len(local)))
+    mine[RANK] = local
+    values = STRATEGY.experimental_distribute_values_from_function(lambda ctx: tf.constant(mine, tf.float64))
+    table = STRATEGY.reduce("SUM", values, axis=None).numpy()
+    nodes = {}
+    for node, row in enumerate(table[::WORKERS_PER_NODE]):
+        for i, label in enumerate(runners):
+            nodes.setdefault(label, []).append({"node": node, "tx": float(row[2 * i]), "rx": float(row[2 * i + 1])})
+    return {"interface": ARGS.net_bytes, "steps": ARGS.net_bytes_steps, "workers_per_node": WORKERS_PER_NODE,
+            "per_variant": nodes}
 
 
 # Steps timed next to the optimizers, interleaved with them: forward/backward
@@ -136,8 +213,8 @@ FLOORS = ("grads_only", "keras_collectives", "sharded_collectives")
 
 
 def floor_runners(spec, x, y):
-    runners = {}
-    for label in FLOORS:
+    runners, launches = {}, None
+    for label in FLOOR_NAMES:
         with STRATEGY.scope():
             model = spec["make"]()
             optimizer = distadam.ShardedAdam() if label == "sharded_collectives" else None
@@ -156,6 +233,9 @@ def floor_runners(spec, x, y):
 
 
 def main():
+    unknown = set(FLOOR_NAMES) - set(FLOORS)
+    if unknown:
+        raise SystemExit(f"unknown floors {sorted(unknown)}; expected some of {', '.join(FLOORS)}")
     started = time.perf_counter()
     results = {"workers": N, "models": {}}
     for name in ARGS.models.split(","):

@@ -21,7 +21,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from harness import models, steps, timing
+from harness import models, profiler, steps, timing
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="dense_update_bound")
@@ -40,7 +40,6 @@ ARGS = parser.parse_args()
 steps.quiet_tensorflow()
 
 import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import distadam  # noqa: E402
 
@@ -65,55 +64,6 @@ def make_variant(label):
     return steps.multiprocess_step(STRATEGY, model, optimizer, SPEC["batch"] * N)
 
 
-def framework_op_stats(xplanes):
-    """The trace's per-op table (TensorBoard's "framework_op_stats" tool) as
-    JSON text, or None.
-
-    Private TensorFlow, kept to this one function: the public
-    ``tf.profiler.experimental`` API records a trace (start/stop, used
-    below) but offers no way to read one back; only TensorBoard's profile
-    plugin converts it, through this pybind module. Fallback, when it moves:
-    the variant's profile reports an error and its timing is unaffected."""
-    try:
-        from tensorflow.python.profiler.internal import _pywrap_profiler_plugin as plugin
-    except ImportError:
-        return None
-    data, ok = plugin.xspace_to_tools_data(xplanes, "framework_op_stats", {})
-    return data if ok else None
-
-
-def op_profile(run, label, logdir):
-    """Self time per op type from a tf.profiler trace of a few steps."""
-    path = Path(logdir) / label
-    tf.profiler.experimental.start(str(path))
-    for _ in range(ARGS.profile_steps):
-        run()
-    tf.profiler.experimental.stop()
-    data = framework_op_stats([str(p) for p in path.rglob("*.xplane.pb")])
-    if data is None:
-        return {"error": "profiler plugin could not convert the trace"}
-    table = json.loads(data)
-    if isinstance(table, list):  # [host table, device table]; CPU ops are on the host
-        table = table[0]
-    columns = [c["id"] for c in table["cols"]]
-    by_type, by_name = {}, {}
-    for row in table["rows"]:
-        cells = dict(zip(columns, (c.get("v") for c in row["c"])))
-        op_type = cells.get("type") or cells.get("operation")
-        self_time = float(cells.get("total_self_time") or 0.0)
-        by_type[op_type] = by_type.get(op_type, 0.0) + self_time
-        by_name[f"{op_type} {cells.get('operation')}"] = self_time
-    idle = by_type.pop("IDLE", 0.0)
-    busy = sum(by_type.values()) or 1.0
-    per_step = 1e3 * ARGS.profile_steps  # microseconds -> ms per step
-
-    def top(table):
-        return [{"op": k, "ms_per_step": v / per_step} for k, v in sorted(table.items(), key=lambda kv: -kv[1])[:ARGS.top]]
-
-    return {"busy_ms_per_step": busy / per_step, "idle_ms_per_step": idle / per_step,
-            "by_op_type": top(by_type), "by_op": top(by_name)}
-
-
 def main():
     labels = [label for label in ARGS.variants.split(";") if label]
     x, y = steps.multiprocess_batch(STRATEGY, SPEC, RANK)
@@ -126,7 +76,8 @@ def main():
     result["profile"] = {}
     if not ARGS.no_trace:
         with tempfile.TemporaryDirectory(prefix=f"distadam-profile-{RANK}-") as logdir:
-            result["profile"] = {label: op_profile(runners[label], f"v{i}", logdir)
+            result["profile"] = {label: profiler.op_profile(runners[label], Path(logdir) / f"v{i}",
+                                                            ARGS.profile_steps, ARGS.top)
                                  for i, label in enumerate(labels)}
     if RANK != 0:
         return

@@ -41,6 +41,15 @@ What is used, and why the public API does not suffice:
   It is the only path here with no fallback: without it no strategy can
   assign a mirrored variable from a step, so a TensorFlow that drops it fails
   loudly at the first step.
+* ``Trackable._serialize_to_tensors`` / ``._restore_from_tensors``: the
+  hooks through which ``tf.train.Checkpoint`` asks an object for its tensors.
+  :class:`PerKeyCheckpoint` overrides them so a state variable saves each
+  local worker's shard under a key naming its element range (a plain
+  per-replica variable saves one aggregated value, or refuses to save). No
+  safe fallback exists: a TensorFlow that stopped calling them would save
+  and restore one value for every shard, silently mixing the state. So
+  :func:`check_checkpoint_hooks` refuses such a TensorFlow at import, with
+  one clear error.
 * ``control_flow_util.GraphOrParentsInXlaContext``: whether a step is being
   compiled by XLA, where host-side printing cannot run (the skipped-step
   warning is left out there).
@@ -57,6 +66,41 @@ from distadam.collectives.base import sum_rows
 from distadam.collectives.member_order import MemberOrder
 
 _EXPECTED_ERRORS = (AttributeError, ImportError, IndexError, TypeError, KeyError, ValueError)
+
+
+CHECKPOINT_HOOKS = ("_serialize_to_tensors", "_restore_from_tensors")
+
+
+def check_checkpoint_hooks(base=None) -> None:
+    """Raise ImportError unless ``base`` (TensorFlow's ``Trackable``) has the
+    checkpoint hooks :class:`PerKeyCheckpoint` overrides."""
+    base = tf.__internal__.tracking.Trackable if base is None else base
+    for name in CHECKPOINT_HOOKS:
+        if not callable(getattr(base, name, None)):
+            raise ImportError(
+                f"distadam needs TensorFlow's checkpoint hook Trackable.{name}, which TensorFlow "
+                f"{tf.__version__} does not have: without it the sharded optimizer state would be "
+                "checkpointed as one value for every worker. distadam is tested with the TensorFlow "
+                "range declared in its pyproject.toml.")
+
+
+check_checkpoint_hooks()
+
+
+class PerKeyCheckpoint:
+    """Mixin for a variable whose checkpoint is several tensors, one per key:
+    the subclass yields ``(key, component)`` pairs from ``checkpoint_items()``,
+    each ``component`` a ``tf.Variable`` saved and restored under ``key``.
+    Put it before the variable class in the bases, so its hooks win."""
+
+    def checkpoint_items(self):
+        raise NotImplementedError
+
+    def _serialize_to_tensors(self):
+        return {key: component.read_value() for key, component in self.checkpoint_items()}
+
+    def _restore_from_tensors(self, restored_tensors):
+        return tf.group([component.assign(restored_tensors[key]) for key, component in self.checkpoint_items()])
 
 
 class InternalsUnavailable(RuntimeError):
@@ -229,9 +273,11 @@ def local_replica_ids(strategy) -> list:
         raise InternalsUnavailable(f"local replica ids: {error}") from error
 
 
-def subgroup_launchers(direct: DirectLaunchers, worker_indices, group_size: int, num_workers: int):
+def subgroup_launchers(direct: DirectLaunchers, worker_indices, grid):
     """(within, across): :class:`DirectLaunchers` over each local replica's
-    group and over its position across groups, or raise InternalsUnavailable."""
+    group and over its position across groups (``grid``: a
+    :class:`distadam.worker_grid.WorkerGrid`), or raise InternalsUnavailable."""
+    group_size = grid.group_size
     try:
         within, across = [], []
         for base, worker in zip(direct.launchers, worker_indices):
@@ -242,9 +288,9 @@ def subgroup_launchers(direct: DirectLaunchers, worker_indices, group_size: int,
             if group_size not in cached:
                 key = base._group_key
                 cached[group_size] = (
-                    _own_launcher(base, subgroup_key(key, group_size, False, worker // group_size), group_size),
-                    _own_launcher(base, subgroup_key(key, group_size, True, worker % group_size),
-                                  num_workers // group_size))
+                    _own_launcher(base, subgroup_key(key, group_size, False, grid.group_of(worker)), group_size),
+                    _own_launcher(base, subgroup_key(key, group_size, True, grid.shard_of(worker)),
+                                  grid.num_groups))
             within.append(cached[group_size][0])
             across.append(cached[group_size][1])
     except _EXPECTED_ERRORS as error:

@@ -93,7 +93,11 @@ def check_sharding_arguments(*, backend, bucket_elements, shard_alignment, skip_
             )
     if not isinstance(backend, str):
         raise TypeError(f"`backend` must be a string, got {backend!r}")
-    require_positive_int("bucket_elements", bucket_elements, allow_none=True)
+    if not (isinstance(bucket_elements, str) and bucket_elements == "auto"):
+        try:
+            require_positive_int("bucket_elements", bucket_elements, allow_none=True)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{error} (or \"auto\", the default)") from None
     require_positive_int("shard_alignment", shard_alignment)
     require_positive_int("min_shard_elements", min_shard_elements, minimum=0)
     # Whether it divides the number of workers is checked when the workers are known (build).
@@ -124,6 +128,10 @@ def _optional_int(value):
     return None if value is None else int(value)
 
 
+def _bucket_cap(value):
+    return value if value in (None, "auto") else int(value)
+
+
 def _same(value):
     return value
 
@@ -132,7 +140,7 @@ def _same(value):
 #: with how it is stored: Adam's own, then the sharding ones.
 OWN_ARGUMENTS = {
     "beta_1": _same, "beta_2": _same, "epsilon": _same, "amsgrad": bool,
-    "backend": _same, "bucket_elements": _optional_int, "shard_alignment": int, "skip_nonfinite": bool,
+    "backend": _same, "bucket_elements": _bucket_cap, "shard_alignment": int, "skip_nonfinite": bool,
     "max_consecutive_skips": _optional_int, "replicate": tuple, "row_sparse": tuple,
     "min_shard_elements": int, "shard_group_size": _optional_int, "fused_update": bool,
 }

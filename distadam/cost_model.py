@@ -86,6 +86,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from distadam import worker_grid
+
 # Bounds on user-supplied parameters: past every real network, small enough
 # that products stay exact-ish in a float64 and finite.
 MAX_BANDWIDTH = 1e15  # bytes/s (a petabyte per second)
@@ -196,6 +198,29 @@ PRESETS = {
         "benchmarks/results/results.json"),
 }
 
+# `distadam launch --nodes K --inter-node-rate R` (distadam.emulated_cluster):
+# the TCP payload one shaped veth link carried, measured with
+# benchmarks/emulated_cluster.py (docs/guides/emulated-cluster.md), Mbit/s.
+EMULATED_LINK_MBIT = {"200mbit": 191.0, "1gbit": 955.0}
+EMULATED_WORKERS_PER_NODE = 2
+
+
+def emulated_network(rate: str, workers_per_node: int = EMULATED_WORKERS_PER_NODE) -> Network:
+    """The emulated cluster as a planner network: inside a node the
+    local-cpu fit (the workers of a node talk over loopback gRPC on the same
+    2 cores), between nodes the link's measured payload rate per node and
+    direction, and local-cpu's per-step latency (TensorFlow's own overhead:
+    the emulation adds no latency, a veth hop costs microseconds)."""
+    return Network(workers_per_node, LOCAL_ALPHA, 1 / LOCAL_BETA, LOCAL_ALPHA,
+                   EMULATED_LINK_MBIT[rate] * 1e6 / 8, f"emulated-{rate}",
+                   f"`distadam launch --nodes K --inter-node-rate {rate}` on this machine: "
+                   f"{workers_per_node} workers per emulated node on loopback gRPC (the local-cpu fit), "
+                   f"nodes joined by a tbf-shaped veth link that carried {EMULATED_LINK_MBIT[rate]:g} Mbit/s "
+                   "of TCP payload, no added latency; benchmarks/emulated_cluster_steps.py")
+
+
+PRESETS.update({f"emulated-{rate}": emulated_network(rate) for rate in EMULATED_LINK_MBIT})
+
 
 # ------------------------------------------------------------- collectives
 # The table above in one place: ring phases per collective. Each phase is
@@ -275,25 +300,13 @@ def check_group_size(workers: int, group_size: int) -> None:
     _check_count("shard group size G", group_size, 1, MAX_WORKERS)
     if workers % group_size:
         raise ValueError(f"shard group size G={group_size} must divide the {workers} workers "
-                         f"(divisors: {_divisor_hint(workers)})")
-
-
-def _divisor_hint(n):
-    found = divisors(n)
-    return ", ".join(map(str, found)) if len(found) <= 16 else \
-        ", ".join(map(str, found[:8])) + ", ..., " + ", ".join(map(str, found[-4:]))
+                         f"(divisors: {worker_grid.divisor_hint(workers)})")
 
 
 def divisors(n: int) -> list:
-    """Divisors of ``n`` in increasing order (trial division to sqrt(n))."""
+    """Divisors of ``n`` in increasing order."""
     _check_count("n", n, 1, MAX_WORKERS)
-    small, large = [], []
-    for d in range(1, math.isqrt(n) + 1):
-        if n % d == 0:
-            small.append(d)
-            if d != n // d:
-                large.append(n // d)
-    return small + large[::-1]
+    return worker_grid.divisors(n)
 
 
 def _link(net: Network, spans_nodes: bool, members_per_node: int) -> tuple:
@@ -304,33 +317,54 @@ def _link(net: Network, spans_nodes: bool, members_per_node: int) -> tuple:
     return net.inter_latency, min(net.intra_bandwidth, share)
 
 
+def _grid(workers: int, group_size: int, net: Network) -> worker_grid.WorkerGrid:
+    # Ranks fill nodes in order (module doc); a job smaller than a node is on one.
+    return worker_grid.WorkerGrid(workers, group_size, net.gpus_per_node)
+
+
+def latency_bandwidth_product(net: Network) -> float:
+    """Bytes a link could have moved during one latency step, for the most
+    latency-bound link of ``net`` (inside a node, or a ring spanning nodes
+    with a whole node's workers): the size below which a collective's fixed
+    latency dominates its transfer."""
+    return max(latency * bandwidth for latency, bandwidth in
+               (_link(net, False, net.gpus_per_node), _link(net, True, net.gpus_per_node)))
+
+
+#: Largest latency-bandwidth product among the presets: sizing buckets for it
+#: keeps latency small on every network the planner knows.
+REFERENCE_LATENCY_BYTES = max(latency_bandwidth_product(net) for net in PRESETS.values())
+
+#: Latency's allowed share of a collective's transfer time when buckets are
+#: sized automatically (ShardedAdam(bucket_elements="auto")).
+AUTO_LATENCY_SHARE = 0.05
+
+
+def auto_bucket_bytes(num_workers: int) -> float:
+    """Bytes per bucket that keep ShardedAdam's communication within
+    ``1 + AUTO_LATENCY_SHARE`` of one all-reduce of everything (Keras Adam's)
+    over ``num_workers``, on any preset network.
+
+    Why: a ring reduce-scatter + all-gather over N moves the bytes of one
+    ring all-reduce and pays its 2(N-1) latency steps; B buckets pay them B
+    times. The extra (B-1)·2(N-1)α, against the all-reduce's transfer
+    2(N-1)/N·S/β, is below N·αβ/b for buckets of b bytes (B-1 < S/b): at
+    most the share when b >= N·αβ/share, with αβ the largest product any
+    preset has (:data:`REFERENCE_LATENCY_BYTES`)."""
+    _check_count("num_workers", num_workers, 1, MAX_WORKERS)
+    return num_workers * REFERENCE_LATENCY_BYTES / AUTO_LATENCY_SHARE
+
+
 def group_link(workers: int, group_size: int, net: Network) -> tuple:
     """Link of the collectives inside the groups of ``group_size``
     consecutive ranks: the worst group decides, since all run at once and
     the step waits for the last."""
-    p = net.gpus_per_node
-    spans, fewest = False, group_size
-    # Group g starts at g*G; node boundaries repeat every lcm(G, P) ranks,
-    # i.e. every P/gcd(G, P) groups: those cover every distinct case.
-    for g in range(min(workers // group_size, p // math.gcd(group_size, p))):
-        first, last = g * group_size, (g + 1) * group_size - 1
-        if first // p == last // p:
-            continue
-        spans = True
-        head = (first // p + 1) * p - first  # members on the first node
-        tail = last - (last // p) * p + 1  # members on the last node
-        middle = p if last // p - first // p > 1 else group_size
-        fewest = min(fewest, head, tail, middle)
-    return _link(net, spans, fewest)
+    return _link(net, *_grid(workers, group_size, net).group_placement())
 
 
 def across_link(workers: int, group_size: int, net: Network) -> tuple:
     """Link of the all-reduce across groups (ranks j, j+G, j+2G, ...)."""
-    p = net.gpus_per_node
-    if workers <= p:
-        return _link(net, False, workers)
-    # Members are G apart: one per node when G >= P, else P//G or more.
-    return _link(net, True, max(1, p // group_size))
+    return _link(net, *_grid(workers, group_size, net).across_placement())
 
 
 # -------------------------------------------------------------- one update

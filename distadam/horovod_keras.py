@@ -136,6 +136,8 @@ class BroadcastInitialStateCallback(keras.callbacks.Callback):
         self.root_rank = root_rank
 
     def on_train_begin(self, logs=None):
+        """Build the optimizer if needed, then broadcast the model and the
+        replicated optimizer state from ``root_rank``."""
         optimizer = getattr(self.model, "optimizer", None)
         if optimizer is not None and not optimizer.built and self.model.trainable_variables:
             optimizer.build(self.model.trainable_variables)
@@ -157,6 +159,7 @@ class MetricAverageCallback(keras.callbacks.Callback):
         self._epochs = 0
 
     def on_epoch_end(self, epoch, logs=None):
+        """Replace each numeric entry of ``logs`` with its mean over ranks."""
         hvd = _hvd()
         if logs is None or hvd.size() == 1:
             return
@@ -194,6 +197,8 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
         super().__init__(filepath, *args, **kwargs)
 
     def on_train_end(self, logs=None):
+        """Finish as Keras' ModelCheckpoint does, then remove this rank's
+        scratch directory (ranks other than ``root_rank``)."""
         super().on_train_end(logs)
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)

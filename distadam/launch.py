@@ -19,6 +19,21 @@ reach the workers, and the workers reach nothing outside it. Where that is
 impossible the launcher refuses; ``--network host`` runs the workers in the
 machine's network instead, with a warning.
 
+Emulated nodes. ``--nodes K`` splits the job over K emulated hosts on this
+machine (:mod:`distadam.emulated_cluster`): each node is a network namespace
+of its own with one address, ``169.254.1.<k+1>`` (link-local; no default
+route), its W = N / K consecutive ranks share it on different ports, and
+``TF_CONFIG`` names each worker by its node's address, so TensorFlow's gRPC
+between nodes crosses veth links to a bridge in the launcher's private
+namespace, and within a node stays on the node's own interface.
+``--inter-node-rate 200mbit`` shapes every link, both ways, with ``tc tbf``
+(measured: 200mbit carries ~191 Mbit/s of TCP payload). The workers get
+``DISTADAM_WORKERS_PER_NODE=W``. It emulates bandwidth only: no added latency
+(no ``netem`` in this kernel), and every node shares this machine's CPU and
+memory. Needs root and iproute2's ``ip`` and ``tc``; it refuses otherwise.
+
+    distadam launch --nproc 4 --nodes 2 --inter-node-rate 200mbit train.py
+
 Processes. Guarantees, because a stuck or orphaned process is the worst
 outcome on a shared machine:
 
@@ -60,8 +75,11 @@ import sys
 import threading
 import time
 
-from distadam.cluster import LOGICAL_DEVICES_ENV, network_interfaces, tf_config_for
+from distadam import emulated_cluster
+from distadam.cluster import CONFINEMENT_ENV, LOGICAL_DEVICES_ENV, network_interfaces, tf_config_for
 
+# distadam.topology's name (not imported: it loads NumPy, the launcher must not).
+WORKERS_PER_NODE_ENV = "DISTADAM_WORKERS_PER_NODE"
 EXIT_TIMEOUT = 124  # what coreutils' timeout(1) uses
 EXIT_USAGE = 2
 PROG = "distadam-launch"  # also the prefix of the launcher's own messages
@@ -92,6 +110,7 @@ MAX_LINE_BYTES = 64 * 1024
 _INHERITED_CLUSTER_VARS = (
     "TF_CONFIG", "JOB_COMPLETION_INDEX", "SLURM_PROCID", "SLURM_LOCALID",
     "PMI_RANK", "PMI_SIZE", "HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK", "HOROVOD_LOCAL_SIZE",
+    "DISTADAM_WORKERS_PER_NODE",
 )
 _INHERITED_CLUSTER_PREFIXES = ("OMPI_COMM_WORLD_",)
 
@@ -101,6 +120,8 @@ _INHERITED_CLUSTER_PREFIXES = ("OMPI_COMM_WORLD_",)
 # once the launcher's output threads are running. The parent is read from
 # /proc/self/stat, not getppid(): inside the job's PID namespace getppid()
 # is 0 because the launcher lives outside it; /proc (the machine's) shows it.
+# argv[2]: a descriptor of the emulated node's network namespace to enter
+# (--nodes), or -1.
 _PDEATHSIG_SHIM = (
     "import ctypes, os, signal, sys\n"
     "libc = ctypes.CDLL(None, use_errno=True)\n"
@@ -109,7 +130,12 @@ _PDEATHSIG_SHIM = (
     "    parent = int(f.read().rsplit(')', 1)[1].split()[1])\n"
     "if parent != int(sys.argv[1]):\n"
     "    sys.exit(70)  # the launcher died before prctl took effect\n"
-    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+    "netns = int(sys.argv[2])\n"
+    "if netns >= 0:\n"
+    "    if libc.setns(netns, 0x40000000) != 0:  # CLONE_NEWNET\n"
+    "        sys.exit('distadam-launch: cannot enter the node: ' + os.strerror(ctypes.get_errno()))\n"
+    "    os.close(netns)\n"
+    "os.execvp(sys.argv[3], sys.argv[3:])\n"
 )
 
 # pid 1 of the job's PID namespace. While it lives the namespace accepts new
@@ -164,6 +190,13 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _rate(text: str) -> int:
+    try:
+        return emulated_cluster.parse_rate(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _seconds(text: str) -> float:
     """A finite, non-negative number of seconds ('nan', 'inf', '-1' rejected)."""
     if not _UFLOAT.fullmatch(text) or not math.isfinite(float(text)):
@@ -199,6 +232,18 @@ def parse_args(argv=None, prog: str = PROG):
                              "only loopback, so their unauthenticated TensorFlow servers are "
                              "unreachable from outside the job; host: the machine's network, where "
                              "those servers listen on every interface")
+    parser.add_argument("--nodes", type=_count, default=None,
+                        help="emulate this many hosts on this machine: each a private network "
+                             "namespace with its own link-local address (169.254.1.<k+1>) joined to "
+                             "the others through a switch; --nproc / --nodes consecutive ranks per "
+                             "node, named in TF_CONFIG by their node's address. Bandwidth only (no "
+                             f"added latency; the CPU is shared). At most {emulated_cluster.MAX_NODES}; "
+                             "needs root and iproute2 (ip, tc)")
+    parser.add_argument("--inter-node-rate", type=_rate, default=None, metavar="RATE",
+                        help="with --nodes: shape every node's link, both directions, to RATE with "
+                             "tc tbf, e.g. 200mbit, 1.5gbit (units bit, kbit, mbit, gbit; between "
+                             f"{emulated_cluster.format_rate(emulated_cluster.MIN_RATE)} and "
+                             f"{emulated_cluster.format_rate(emulated_cluster.MAX_RATE)}; default: unshaped)")
     parser.add_argument("--no-python", action="store_true",
                         help="run the command as an executable instead of with this Python")
     parser.add_argument("-m", dest="module", action="store_true",
@@ -234,6 +279,17 @@ def parse_args(argv=None, prog: str = PROG):
         parser.error(f"--restarts {args.restarts} is more than {MAX_RESTARTS}")
     if args.grace_period is not None and args.grace_period > MAX_GRACE_PERIOD:
         parser.error(f"--grace-period {args.grace_period:g} is more than {MAX_GRACE_PERIOD:g} seconds")
+    if args.nodes is not None:
+        if not 1 <= args.nodes <= emulated_cluster.MAX_NODES:
+            parser.error(f"--nodes must be between 1 and {emulated_cluster.MAX_NODES}")
+        if args.nproc % args.nodes:
+            parser.error(f"--nodes {args.nodes} must divide --nproc {args.nproc} (every node runs "
+                         "as many workers)")
+        if args.network == "host":
+            parser.error("--nodes needs the private network (the emulated nodes are namespaces "
+                         "inside it), not --network host")
+    elif args.inter_node_rate is not None:
+        parser.error("--inter-node-rate needs --nodes")
     if args.module and args.no_python:
         parser.error("-m and --no-python exclude each other")
     # Caught here, one clear line, rather than N identical worker tracebacks.
@@ -280,8 +336,9 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list:
             sock.close()
 
 
-def worker_environments(nproc: int, devices_per_worker: int, restart: int, base=None) -> list:
-    """The environment of each worker of one local job."""
+def worker_environments(nproc: int, devices_per_worker: int, restart: int, base=None, nodes=None) -> list:
+    """The environment of each worker of one local job; ``nodes``: an
+    :class:`~distadam.emulated_cluster.EmulatedCluster` the job spans."""
     base = dict(os.environ if base is None else base)
     for name in list(base):
         if name in _INHERITED_CLUSTER_VARS or name.startswith(_INHERITED_CLUSTER_PREFIXES):
@@ -290,7 +347,14 @@ def worker_environments(nproc: int, devices_per_worker: int, restart: int, base=
     # Always set, so a script's own default (train_digits.py's --replicas)
     # never overrides what the launcher was asked for.
     base[LOGICAL_DEVICES_ENV] = str(devices_per_worker)
-    peers = [f"127.0.0.1:{port}" for port in free_ports(nproc)] if nproc > 1 else []
+    if nodes is not None:
+        peers = nodes.peers(nproc) if nproc > 1 else []
+        base[WORKERS_PER_NODE_ENV] = str(nproc // nodes.nodes)
+        # The servers listen in the job's namespaces (strategy_from_env
+        # cannot tell: a node has an interface besides lo).
+        base[CONFINEMENT_ENV] = "distadam launch --nodes (the job's private network namespaces)"
+    else:
+        peers = [f"127.0.0.1:{port}" for port in free_ports(nproc)] if nproc > 1 else []
     envs = []
     for rank in range(nproc):
         env = dict(base)
@@ -518,13 +582,16 @@ class RelayPool:
 class Worker:
     """One worker process, in its own process group, with prefixed output."""
 
-    def __init__(self, rank: int, command: list, env: dict, output_lock: threading.Lock, relays: RelayPool):
+    def __init__(self, rank: int, command: list, env: dict, output_lock: threading.Lock, relays: RelayPool,
+                 netns: int | None = None):
         self.rank = rank
         if sys.platform.startswith("linux"):
-            command = [sys.executable, "-c", _PDEATHSIG_SHIM, str(os.getpid()), *command]
+            netns_arg = str(-1 if netns is None else netns)
+            command = [sys.executable, "-c", _PDEATHSIG_SHIM, str(os.getpid()), netns_arg, *command]
         self.process = subprocess.Popen(
             command,
             env=env,
+            pass_fds=() if netns is None else (netns,),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -637,10 +704,12 @@ def describe_exit(code: int) -> str:
 
 
 class Launcher:
-    def __init__(self, args, sandbox: Sandbox | None = None, subreaper: Subreaper | None = None):
+    def __init__(self, args, sandbox: Sandbox | None = None, subreaper: Subreaper | None = None,
+                 nodes: emulated_cluster.EmulatedCluster | None = None):
         self.args = args
         self.sandbox = sandbox
         self.subreaper = subreaper
+        self.nodes = nodes
         self.command = worker_command(args)
         self.output_lock = threading.Lock()
         self.workers: list[Worker] = []
@@ -673,10 +742,11 @@ class Launcher:
 
     def _run_once(self, attempt: int):
         """Exit code to return, or None when the job failed and may restart."""
-        envs = worker_environments(self.args.nproc, self.args.devices_per_worker, attempt)
+        envs = worker_environments(self.args.nproc, self.args.devices_per_worker, attempt, nodes=self.nodes)
         self.workers = []
         for rank, env in enumerate(envs):
-            self.workers.append(Worker(rank, self.command, env, self.output_lock, self.relays))
+            netns = None if self.nodes is None else self.nodes.namespace_of(rank, self.args.nproc)
+            self.workers.append(Worker(rank, self.command, env, self.output_lock, self.relays, netns=netns))
         self.say(f"started {len(self.workers)} worker(s): pids "
                  + ", ".join(str(w.pid) for w in self.workers))
         try:
@@ -785,8 +855,18 @@ def main(argv=None, prog: str = PROG) -> int:
         if not subreaper.active:
             _warn("no child subreaper on this platform: processes the workers detach (setsid) "
                   "may outlive the job")
+    nodes = None
+    if args.nodes is not None:
+        # In the launcher's private namespace, before any thread or worker.
+        try:
+            nodes = emulated_cluster.EmulatedCluster(args.nodes, args.inter_node_rate)
+        except emulated_cluster.EmulatedClusterError as error:
+            print(f"{prog}: error: cannot emulate {args.nodes} node(s): {error}", file=sys.stderr)
+            return EXIT_USAGE
     try:
-        launcher = Launcher(args, sandbox=sandbox, subreaper=subreaper)
+        launcher = Launcher(args, sandbox=sandbox, subreaper=subreaper, nodes=nodes)
+        if nodes is not None:
+            launcher.say(nodes.describe())
         code = launcher.run()
     except SandboxError as error:
         print(f"{prog}: error: cannot start the job's PID namespace: {error}", file=sys.stderr)
@@ -794,6 +874,8 @@ def main(argv=None, prog: str = PROG) -> int:
     finally:
         if sandbox is not None:
             sandbox.close()
+        if nodes is not None:
+            nodes.close()
     if code not in (0, EXIT_TIMEOUT) and launcher.received_signal is None:
         launcher.say(f"job failed (exit code {code})")
     return code

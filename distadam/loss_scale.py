@@ -18,6 +18,8 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
     """
 
     def check_finite(self, grads):
+        """True when no worker's gradients hold a NaN/Inf: the non-finite
+        counts are summed across workers, so all decide alike."""
         bad = tf.add_n([
             tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(tf.convert_to_tensor(g))), tf.float32))
             for g in grads

@@ -52,11 +52,13 @@ class ShardedAdam(keras.optimizers.Optimizer):
             when it is initialised and no strategy is), ``"tf.distribute"``,
             ``"horovod"``, or any name registered with
             :func:`distadam.collectives.register_backend`.
-        bucket_elements: cap on elements per flat bucket (default 2**22).
-            Buckets are laid out last layer first, so a bucket's collective
-            can start while earlier layers' gradients are still computed; a
-            larger variable gets a bucket of its own. ``None``: one bucket per
-            dtype and placement, the fewest collectives.
+        bucket_elements: cap on elements per flat bucket (laid out last layer
+            first; a larger variable gets a bucket of its own). ``"auto"``
+            (default): sized from the number of workers, so that latency keeps
+            communication within 5 % of Keras Adam's all-reduce on any network
+            the planner knows (:func:`distadam.partition.auto_bucket_elements`);
+            an integer caps the ~2 buckets of temporary buffers a step holds;
+            ``None``: one bucket per dtype and placement.
         shard_alignment: round shard sizes up to a multiple of this.
         skip_nonfinite: if an update is not finite on any worker (a NaN/Inf
             gradient, or one whose square overflows the optimizer state),
@@ -90,12 +92,10 @@ class ShardedAdam(keras.optimizers.Optimizer):
         min_shard_elements: a bucket with fewer elements keeps its state
             whole on every worker (all-reduced, updated everywhere, never
             gathered). Default 0: every bucket is sharded, each worker holds
-            1/N. Sharding a bucket saves (N-1)/N of its state but costs a
-            second collective per step (~5 ms on loopback gRPC, less on a
-            cluster's fabric); for a model of a few hundred thousand
-            parameters ``min_shard_elements=2**20`` (at most 8 MiB of float32
-            ``m`` + ``v`` kept whole) made the step measurably faster (see
-            benchmarks/README.md).
+            1/N. Sharding a bucket saves (N-1)/N of its state for a second
+            collective per step (~5 ms on loopback gRPC); for a model of a few
+            hundred thousand parameters ``min_shard_elements=2**20`` made the
+            step measurably faster (benchmarks/README.md).
         shard_group_size: hybrid sharding: shard the state over groups of
             this many consecutive workers and replicate it across the groups
             (must divide the number of workers). Gradients are
@@ -164,6 +164,8 @@ class ShardedAdam(keras.optimizers.Optimizer):
 
     # ------------------------------------------------------------------ build
     def build(self, var_list):
+        """Lay out ``var_list`` and allocate this worker's shards of the state
+        (under ``strategy.scope()`` before the first step, or by the first step)."""
         if self.built:
             return
         # Not super().build(): Keras would allocate full-size EMA copies and
@@ -179,6 +181,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
         layout = plan_layout(
             var_list,
             num_shards=topology.group_size,
+            num_workers=topology.num_workers,
             bucket_elements=self.bucket_elements,
             shard_alignment=self.shard_alignment,
             replicated=[i for i, v in enumerate(var_list) if arguments.name_matches(v, self.replicate)],
@@ -240,6 +243,8 @@ class ShardedAdam(keras.optimizers.Optimizer):
 
     # ------------------------------------------------------------------- step
     def apply(self, grads, trainable_variables=None):
+        """Apply one step, as ``keras.optimizers.Optimizer.apply``; sparse
+        (``tf.IndexedSlices``) gradients stay sparse."""
         # Sparse gradients stay sparse: a bucket holding one variable with an
         # IndexedSlices gradient exchanges its rows instead of the whole table.
         # Keras' apply() divides every gradient by loss_scale_factor, which a
@@ -262,9 +267,8 @@ class ShardedAdam(keras.optimizers.Optimizer):
     # ------------------------------------------------------ public accessors
     @property
     def topology(self) -> Topology:
-        """The communicators: ``everyone`` (all workers) and ``shard_group``
-        (the workers sharing one copy of the state), and the arithmetic
-        between them (:class:`distadam.topology.Topology`)."""
+        """The communicators ``everyone`` and ``shard_group``, and where every
+        worker sits (:class:`distadam.topology.Topology`)."""
         self._require_built("topology")
         return self._topology
 
@@ -275,10 +279,8 @@ class ShardedAdam(keras.optimizers.Optimizer):
 
     @property
     def shard_collectives(self):
-        """The collectives over the workers that share one copy of the state:
-        ``topology.shard_group`` (:attr:`collectives` itself unless
-        ``shard_group_size`` < workers; then its ``num_workers`` is the group
-        size and ``worker_index`` the position in the group = the shard held)."""
+        """``topology.shard_group``: the workers sharing one copy of the state
+        (:attr:`collectives` itself unless ``shard_group_size`` < workers)."""
         return self.topology.shard_group
 
     @property
@@ -289,8 +291,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
 
     @property
     def sharded_state(self) -> ShardedState:
-        """The sharded state variables and their eager operations (read or
-        write one shard, gather, load, bytes)."""
+        """The sharded state variables and their eager operations."""
         self._require_built("sharded_state")
         return self._state
 
@@ -302,8 +303,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
     @property
     def iterations_variable(self):
         """The variable counting ``apply`` calls (micro-steps under gradient
-        accumulation; ``iterations`` divides it, as in Keras). Checkpoints
-        save and restore this one."""
+        accumulation; ``iterations`` divides it, as in Keras)."""
         return hooks.iterations_variable(self)
 
     @property
@@ -369,6 +369,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
 
     # ------------------------------------------------------------- overrides
     def finalize_variable_values(self, var_list):
+        """With ``use_ema``, overwrite ``var_list`` with the EMA weights (end of ``fit``)."""
         if self.use_ema and self.built:
             self._overwrite_model_variables_with_average_value(var_list)
 
@@ -393,6 +394,7 @@ class ShardedAdam(keras.optimizers.Optimizer):
             return super().load_own_variables(store)
 
     def get_config(self):
+        """Keras' config plus ShardedAdam's own arguments."""
         config = super().get_config()
         config.update(arguments.own_config(self))
         return config

@@ -209,21 +209,58 @@ def _num_elements(shape) -> int:
     return int(math.prod(int(d) for d in shape))
 
 
-#: Default cap on elements per bucket: 16 MiB of float32 (PyTorch DDP's
-#: buckets are 25 MiB). Each bucket costs two collective launches per step,
-#: each with a fixed latency (measured ~3.5 ms on 2 local CPU processes);
-#: several buckets let communication start before the backward pass ends.
-DEFAULT_BUCKET_ELEMENTS = 1 << 22
+#: Bytes per element of the float dtypes a layout meets (the planner's too).
+DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+
+#: ``bucket_elements="auto"`` (the default): buckets sized from the number of
+#: workers so that communication stays within 5 % of one all-reduce of
+#: everything on any network the planner knows (:func:`auto_bucket_elements`).
+AUTO = "auto"
+DEFAULT_BUCKET_ELEMENTS = AUTO
+
+#: The smallest bucket "auto" makes: 16 MiB of float32 (PyTorch DDP's buckets
+#: are 25 MiB), the fixed default before "auto". Each bucket costs two
+#: collective launches per step, each with a fixed latency (measured ~3.5 ms
+#: on 2 local CPU processes).
+MIN_AUTO_BUCKET_ELEMENTS = 1 << 22
+
+
+def auto_bucket_elements(num_workers: int, itemsize: int = 4) -> int:
+    """Elements per bucket for ``bucket_elements="auto"``: enough bytes that
+    the fixed latency of each bucket's collectives stays a small share of its
+    transfer time (:func:`distadam.cost_model.auto_bucket_bytes`: N times the
+    largest latency-bandwidth product of the presets, over the 5 % share),
+    and never fewer than :data:`MIN_AUTO_BUCKET_ELEMENTS`. Grows with N: 20M
+    float32 elements (80 MB) at 2 workers, 10G at 1024 (one bucket for most
+    models there). The cost is temporary memory: a step holds about two
+    buckets' worth of flat buffers (the gradients going out and the gathered
+    parameters coming back); set a number to cap it."""
+    from distadam import cost_model  # pure Python; imported here to keep this module's imports light
+
+    elements = math.ceil(cost_model.auto_bucket_bytes(num_workers) / itemsize)
+    return max(MIN_AUTO_BUCKET_ELEMENTS, elements)
+
+
+def resolve_bucket_elements(bucket_elements, num_workers: int, dtypes=()):
+    """``bucket_elements`` as :func:`plan_layout` takes it: an integer cap,
+    None (one bucket per dtype and placement) or "auto", sized for
+    ``num_workers`` and the smallest element among ``dtypes`` (names; others
+    count as 4 bytes)."""
+    if bucket_elements != AUTO or isinstance(bucket_elements, bool):
+        return bucket_elements
+    sizes = [DTYPE_BYTES.get(_dtype_name(dtype), 4) for dtype in dtypes]
+    return auto_bucket_elements(num_workers, min(sizes, default=4))
 
 
 def plan_layout(
     variables: Sequence,
     num_shards: int,
-    bucket_elements: int | None = DEFAULT_BUCKET_ELEMENTS,
+    bucket_elements: int | None | str = DEFAULT_BUCKET_ELEMENTS,
     shard_alignment: int = 1,
     replicated: Sequence[int] = (),
     separate: Sequence[int] = (),
     min_shard_elements: int = 0,
+    num_workers: int | None = None,
 ) -> Layout:
     """Lay out ``variables`` (anything with .shape, .dtype, .name) in buckets.
 
@@ -232,8 +269,10 @@ def plan_layout(
             are laid out last to first, the order their gradients appear.
         num_shards: number of workers sharing the optimizer state.
         bucket_elements: cap on elements per bucket. ``None`` keeps one bucket
-            per dtype and placement, the fewest collectives. A variable larger
-            than the cap gets a bucket of its own; variables are never split.
+            per dtype and placement, the fewest collectives; ``"auto"`` sizes
+            it for ``num_workers`` (:func:`auto_bucket_elements`). A variable
+            larger than the cap gets a bucket of its own; variables are never
+            split.
         shard_alignment: round the shard size up to a multiple of this (e.g. 128
             on accelerators that like aligned DMA); 1 means no extra padding.
         replicated: indices of variables whose state every worker keeps in
@@ -245,14 +284,19 @@ def plan_layout(
         min_shard_elements: a bucket with fewer elements is replicated
             (with more than one shard); 0 shards every bucket not listed in
             ``replicated``.
+        num_workers: all workers of the job, for ``"auto"`` (default:
+            ``num_shards``; under hybrid sharding the collectives span more).
     """
     if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
         raise ValueError(f"num_shards must be a positive integer, got {num_shards!r}")
+    variables = list(variables)
+    bucket_elements = resolve_bucket_elements(bucket_elements, num_workers or num_shards,
+                                              [v.dtype for v in variables])
     if bucket_elements is not None and (
         isinstance(bucket_elements, bool) or not isinstance(bucket_elements, int) or bucket_elements < 1
     ):
         raise ValueError(
-            f"bucket_elements must be a positive integer or None, got {bucket_elements!r}"
+            f"bucket_elements must be a positive integer, None or \"auto\", got {bucket_elements!r}"
         )
     if isinstance(min_shard_elements, bool) or not isinstance(min_shard_elements, int) or min_shard_elements < 0:
         raise ValueError(f"min_shard_elements must be an integer >= 0, got {min_shard_elements!r}")
@@ -260,7 +304,6 @@ def plan_layout(
         raise ValueError(
             f"shard_alignment must be a positive integer, got {shard_alignment!r}"
         )
-    variables = list(variables)
     replicated, separate = set(replicated), set(separate)
     unknown = sorted(i for i in replicated | separate if not (isinstance(i, int) and 0 <= i < len(variables)))
     if unknown:

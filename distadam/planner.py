@@ -90,7 +90,7 @@ import json
 import re
 
 from distadam import cost_model
-from distadam.partition import DEFAULT_BUCKET_ELEMENTS
+from distadam.partition import AUTO, DEFAULT_BUCKET_ELEMENTS
 from distadam.planner_input import MAX_PARAMS, read_model_config, variables_from_count, variables_from_model
 from distadam.planner_math import (DTYPE_BYTES, EMBEDDINGS, Plan, VariableSpec, bucket_shapes, comm_plan, plan,
                                    state_kinds)
@@ -126,6 +126,10 @@ def _params(text: str) -> float:
     return value
 
 
+def _bucket_elements(text: str):
+    return AUTO if text == AUTO else _bounded_int(1, MAX_PARAMS)(text)
+
+
 def _bounded_int(low: int, high: int):
     def parse(text: str) -> int:
         if not re.fullmatch(r"[0-9]{1,12}", text) or not low <= int(text) <= high:
@@ -152,8 +156,9 @@ def add_arguments(parser) -> None:
                              "every micro-step)")
     parser.add_argument("--master-weights", action="store_true",
                         help="the ZeRO paper's mixed precision: 16-bit params/grads + fp32 master, m, v (K=12)")
-    parser.add_argument("--bucket-elements", type=_bounded_int(1, MAX_PARAMS), default=DEFAULT_BUCKET_ELEMENTS,
-                        help=f"ShardedAdam(bucket_elements=...) (default {DEFAULT_BUCKET_ELEMENTS})")
+    parser.add_argument("--bucket-elements", type=_bucket_elements, default=DEFAULT_BUCKET_ELEMENTS,
+                        help=f"ShardedAdam(bucket_elements=...): a whole number, or auto (the default: "
+                             "sized from --workers, see distadam.partition.auto_bucket_elements)")
     parser.add_argument("--shard-alignment", type=_bounded_int(1, 1 << 20), default=1,
                         help="ShardedAdam(shard_alignment=...)")
     placement = parser.add_mutually_exclusive_group()

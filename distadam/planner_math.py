@@ -14,10 +14,9 @@ import inspect
 import math
 from typing import Sequence
 
-from distadam import cost_model
-from distadam.partition import DEFAULT_BUCKET_ELEMENTS, plan_layout
+from distadam import cost_model, worker_grid
+from distadam.partition import DEFAULT_BUCKET_ELEMENTS, DTYPE_BYTES, plan_layout, resolve_bucket_elements
 
-DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 MASTER_DTYPE = "float32"
 # ShardedAdam's default for both ``replicate=`` and ``row_sparse=`` (Keras'
 # Embedding tables), as its signature declares it; tests/test_planner.py
@@ -289,8 +288,12 @@ def comm_plan(variables, workers, network, *, base=None, group_size=None, memory
     cost_model.check_workers(workers, network)
     if group_size is not None:
         cost_model.check_group_size(workers, group_size)
-    base = base or plan(variables, workers, **plan_kwargs)
     options = {**_PLAN_DEFAULTS, **plan_kwargs}
+    # "auto" buckets are sized for all N workers, whatever G (as the optimizer sizes them).
+    requested_buckets = options["bucket_elements"]
+    options["bucket_elements"] = resolve_bucket_elements(requested_buckets, workers, [v.dtype for v in variables])
+    plan_kwargs = {**plan_kwargs, "bucket_elements": options["bucket_elements"]}
+    base = base or plan(variables, workers, **plan_kwargs)
     shapes = bucket_shapes(variables, bucket_elements=options["bucket_elements"], replicate=options["replicate"],
                            row_sparse=options["row_sparse"], min_shard_elements=options["min_shard_elements"],
                            split_first=split_first)
@@ -310,10 +313,11 @@ def comm_plan(variables, workers, network, *, base=None, group_size=None, memory
     keras = cost_model.keras_adam_time(base.param_bytes, workers, network)
     keras.update(state_bytes=base.adam_state_bytes, total_bytes=base.adam_total,
                  fits=None if memory_budget is None else base.adam_total <= memory_budget)
-    nodes = max(1, workers // network.gpus_per_node)
+    nodes = worker_grid.WorkerGrid(workers, workers, network.gpus_per_node).num_nodes
     return {
         "network": network.to_dict(), "workers": workers, "nodes": nodes,
         "buckets": sum(s.count for s in shapes), "bucket_elements": options["bucket_elements"],
+        "bucket_elements_requested": requested_buckets,
         "keras_adam": keras, "sharded": rows, "memory_budget": memory_budget, "tolerance": tolerance,
         "shard_group_size": group_size,
         "recommended": cost_model.recommend(rows, memory_budget, tolerance),

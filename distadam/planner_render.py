@@ -119,7 +119,8 @@ def render_comm(c: dict) -> str:
         f"{net['gpus_per_node']}",
         f"  intra-node {net['intra_bandwidth'] / 1e9:g} GB/s per worker, {net['intra_latency'] * 1e6:g} us per step; "
         f"inter-node {net['inter_bandwidth'] / 1e9:g} GB/s per node, {net['inter_latency'] * 1e6:g} us per step; "
-        f"{c['buckets']:,} bucket(s) of up to {c['bucket_elements'] or 'all'} elements",
+        f"{c['buckets']:,} bucket(s) of up to {c['bucket_elements'] or 'all'} elements"
+        + (" (bucket_elements=auto)" if c.get("bucket_elements_requested") == "auto" else ""),
         f"  {'optimizer':<34}{'comm/update':>13}{'collectives':>13}{'state/worker':>14}{'model states':>14}",
     ]
     k = c["keras_adam"]

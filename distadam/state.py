@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from distadam import _keras_internals as hooks
+from distadam import _tf_internals
 from distadam.collectives import Collectives
 from distadam.partition import Layout
 
 
-class ShardStateVariable(keras.Variable):
+class ShardStateVariable(_tf_internals.PerKeyCheckpoint, keras.Variable):
     """A Keras variable holding one worker's shard of a bucket's state.
 
     In TF checkpoints every local shard is saved under a key naming its element
@@ -49,13 +49,8 @@ class ShardStateVariable(keras.Variable):
             key = f"ELEMENTS_{start}_{stop}_OF_{bucket.num_elements}"
             yield component, key, stop - start
 
-    def _serialize_to_tensors(self):
-        return {key: component.read_value() for component, key, _ in self._local_slices()}
-
-    def _restore_from_tensors(self, restored_tensors):
-        return tf.group([
-            component.assign(restored_tensors[key]) for component, key, _ in self._local_slices()
-        ])
+    def checkpoint_items(self):
+        return [(key, component) for component, key, _ in self._local_slices()]
 
 
 class ShardedState:

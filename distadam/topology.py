@@ -14,9 +14,11 @@ when the optimizer is built:
   Sharded buckets are reduce-scattered to it (the sum still spans all N),
   norm statistics summed over it, parameters gathered within it.
 
-and the arithmetic between them: which group a worker is in, which shard it
-holds. ``workers_per_node`` is what a launcher says about the machines (the
-multi-node work builds on it); the step does not need it.
+and where every worker sits (:attr:`Topology.grid`, a
+:class:`~distadam.worker_grid.WorkerGrid`: which group a worker is in, which
+shard it holds, which machine it is on; the same arithmetic the backends use
+to build subgroups and the planner to price them). ``workers_per_node`` is
+what a launcher says about the machines; the step does not need it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import os
 import numpy as np
 
 from distadam.collectives import Collectives, hybrid
+from distadam.worker_grid import WorkerGrid
 
 #: Set by a launcher that knows how many workers share a machine (all nodes
 #: equal); read once, when the optimizer is built.
@@ -47,6 +50,11 @@ class Topology:
         return cls(everyone, shard_group, workers_per_node(everyone.num_workers, environ))
 
     @property
+    def grid(self) -> WorkerGrid:
+        """N, G and workers per node: where every worker sits."""
+        return WorkerGrid(self.everyone.num_workers, self.shard_group.num_workers, self.workers_per_node)
+
+    @property
     def num_workers(self) -> int:
         """N: every worker of the job."""
         return self.everyone.num_workers
@@ -56,29 +64,13 @@ class Topology:
         """G: workers sharing one copy of the state (= the number of shards)."""
         return self.shard_group.num_workers
 
-    @property
-    def num_groups(self) -> int:
-        """N / G: copies of the sharded state in the job."""
-        return self.num_workers // self.group_size
-
-    @property
-    def hybrid(self) -> bool:
-        return self.group_size < self.num_workers
-
-    def shard_of(self, worker: int) -> int:
-        """The shard worker ``worker`` holds (its position in its group)."""
-        return worker % self.group_size
-
-    def group_of(self, worker: int) -> int:
-        return worker // self.group_size
-
     def local_workers(self) -> list:
         """Indices (among all N) of the workers this process drives."""
         return self.everyone.local_worker_indices()
 
     def local_shards(self) -> list:
         """The shard each of this process's workers holds, in the same order."""
-        return [self.shard_of(worker) for worker in self.local_workers()]
+        return [self.grid.shard_of(worker) for worker in self.local_workers()]
 
     @property
     def workers_per_process(self) -> int:
@@ -107,9 +99,7 @@ class Topology:
             )
 
     def describe(self) -> str:
-        groups = f", {self.num_groups} groups of {self.group_size}" if self.hybrid else ""
-        nodes = f", {self.workers_per_node} per node" if self.workers_per_node else ""
-        return f"{self.num_workers} worker(s) over {self.everyone.name}{groups}{nodes}"
+        return self.grid.describe(self.everyone.name)
 
 
 def workers_per_node(num_workers: int, environ=None):

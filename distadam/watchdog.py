@@ -113,6 +113,7 @@ class StallWatchdog:
                 self._deadline = time.monotonic() + self._allowed
 
     def close(self) -> None:
+        """Stop the watchdog thread and wait for it."""
         global _active
         if _active is self:
             _active = None

@@ -1,4 +1,4 @@
-"""Train a small MLP on scikit-learn's digits with ShardedAdam, on any launcher.
+"""Train a small MLP on the digits data set (examples/data/) with ShardedAdam, on any launcher.
 
 The same script runs unchanged
 
@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -72,13 +73,19 @@ def parse_args(argv=None):
     return args
 
 
-def load_data(seed):
-    """Digits (1797 8x8 images, bundled with scikit-learn), 80/20 split."""
-    from sklearn.datasets import load_digits
+#: The digits data set, stored with the example (examples/data/README.md).
+DIGITS = Path(__file__).resolve().parent / "data" / "digits.npz"
 
-    digits = load_digits()
-    x = (digits.data / 16.0).astype("float32")
-    y = digits.target.astype("int32")
+
+def load_data(seed, path=DIGITS):
+    """Digits (1797 8x8 images of pixels 0..16, from examples/data/), 80/20 split."""
+    with np.load(path, allow_pickle=False) as data:
+        images, labels = data["images"], data["labels"]
+    if (images.shape != (1797, 64) or labels.shape != (1797,) or images.dtype != np.uint8
+            or labels.dtype != np.uint8 or images.max() > 16 or labels.max() > 9):
+        raise ValueError(f"{path}: not the digits data set (see examples/data/README.md)")
+    x = (images / 16.0).astype("float32")
+    y = labels.astype("int32")
     order = np.random.default_rng(seed).permutation(len(x))
     split = int(0.8 * len(x))
     return (x[order[:split]], y[order[:split]]), (x[order[split:]], y[order[split:]])

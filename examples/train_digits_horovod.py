@@ -1,4 +1,4 @@
-"""Keras 3 ``model.fit`` under Horovod with ShardedAdam: scikit-learn's digits.
+"""Keras 3 ``model.fit`` under Horovod with ShardedAdam: the digits data set (examples/data/).
 
     horovodrun -np 2 -H localhost:2 python examples/train_digits_horovod.py
     horovodrun -np 2 -H localhost:2 --mpi python examples/train_digits_horovod.py

@@ -178,27 +178,28 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 # xdist units (see xdist_unit) that take a minute or more, longest first,
-# with their seconds under ``--durations`` on two workers (2026-12-03). They
+# with their seconds under ``--durations`` on two workers (2026-12-03, an idle
+# machine). They
 # are handed out first, so the run ends on short units instead of one worker
 # idling while the other finishes a long one. Only the order changes: a stale
 # entry costs wall time, never a result.
 LONGEST_FIRST = (
-    "tests/test_checkpoint.py",  # 143
-    "tests/test_equivalence.py::TestFourWorkers",  # 124 + 77 in two processes, fewer cases now
-    "tests/test_equivalence.py::TestThreeWorkers",  # 122
-    "tests/test_multiworker.py::test_worker_processes_match_single_device_adam[twelve_processes]",  # 100
-    "tests/test_mpi.py::test_mpirun_rendezvous_multiworker_mirrored_matches_keras_adam",  # 143, fewer cases now
-    "tests/test_nonfinite.py",  # 79
-    "tests/test_horovod.py::TestGlooTwoRanks",  # 75
+    "tests/test_equivalence.py::TestFourWorkers",  # 162
+    "tests/test_equivalence.py::TestThreeWorkers",  # 151
+    "tests/test_multiworker.py::test_worker_processes_match_single_device_adam[twelve_processes]",  # 114
+    "tests/test_horovod.py::TestGlooThreeRanks",  # 107
+    "tests/test_checkpoint.py",  # 103 (its resharding fixture)
+    "tests/test_equivalence.py::TestTwoWorkers",  # 103
+    "tests/test_nonfinite.py",  # 76
+    "tests/test_preemption.py::test_sigterm_to_one_worker_checkpoints_the_current_step_everywhere_and_resumes_exactly",  # 75
     "tests/test_multiworker.py::test_thirteen_logical_devices_match_single_device_adam",  # 64
-    "tests/test_equivalence.py::TestTwoWorkers",  # 63
-    "tests/test_benchmarks.py",  # 52
-    "tests/test_preemption.py::test_sigterm_to_one_worker_checkpoints_the_current_step_everywhere_and_resumes_exactly",  # 49
-    "tests/test_horovod.py::TestGlooThreeRanks",  # 48
-    "tests/test_faults.py::test_survivor_exits_on_its_own_within_the_bound[stall-collective-timeout]",  # 48
-    "tests/test_faults.py::test_survivor_exits_on_its_own_within_the_bound[stall-watchdog]",  # 45
-    "tests/test_multiworker.py::test_worker_processes_match_single_device_adam[four_processes_in_groups]",  # 46
-    "tests/test_faults.py::test_restart_resumes_from_last_checkpoint_and_matches_uninterrupted",  # 44
+    "tests/test_emulated_cluster.py::test_two_nodes_of_two_workers_match_single_device_adam_and_stay_inside",  # 45-65
+    "tests/test_horovod.py::TestGlooTwoRanks",  # 56
+    "tests/test_benchmarks.py",  # 55
+    "tests/test_multiworker.py::test_worker_processes_match_single_device_adam[four_processes_in_groups]",  # 45
+    "tests/test_faults.py::test_survivor_exits_on_its_own_within_the_bound[stall-watchdog]",  # 47
+    "tests/test_multiworker_fit.py::test_model_fit_on_worker_processes_matches_single_device_adam[2]",  # 40
+    "tests/test_mpi.py::test_mpirun_rendezvous_multiworker_mirrored_matches_keras_adam",  # 39
 )
 
 

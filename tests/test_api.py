@@ -47,6 +47,8 @@ def test_signature_matches_keras_adam():
         ({"gradient_accumulation_steps": 2.5}, TypeError, "gradient_accumulation_steps"),
         ({"loss_scale_factor": 0.0}, ValueError, "loss_scale_factor"),
         ({"bucket_elements": 0}, ValueError, "bucket_elements"),
+        ({"bucket_elements": "Auto"}, ValueError, r"bucket_elements.*or \"auto\", the default"),
+        ({"bucket_elements": 1.5}, ValueError, "bucket_elements"),
         ({"shard_alignment": 0}, ValueError, "shard_alignment"),
         ({"backend": 3}, TypeError, "backend"),
         ({"replicate": "embeddings"}, TypeError, "replicate"),
@@ -105,6 +107,15 @@ def test_config_round_trip_with_schedule():
     generic = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
     assert isinstance(generic, ShardedAdam)
     assert generic.get_config() == config
+
+
+def test_auto_buckets_are_the_default_and_survive_the_config():
+    opt = ShardedAdam()
+    assert opt.bucket_elements == "auto" and opt.get_config()["bucket_elements"] == "auto"
+    assert ShardedAdam.from_config(opt.get_config()).bucket_elements == "auto"
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(2)])
+    opt.build(model.trainable_variables)
+    assert len(opt.layout.buckets) == 1  # one worker: one float32 bucket of 10M elements at most
 
 
 def test_introspection_requires_build():
@@ -327,3 +338,29 @@ print("RESULT", json.dumps([type(model.optimizer).__name__, int(model.optimizer.
     # The same snippet is what the README documents.
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert 'custom_objects={"distadam>ShardedAdam": as_adam}' in readme
+
+
+# ------------------------------------- the Keras seam's fallbacks, run
+def test_a_keras_without_the_optimizer_hooks_is_refused_with_one_error():
+    from distadam import _keras_internals as hooks
+
+    hooks.check_optimizer_hooks()  # this Keras has them
+    with pytest.raises(ImportError, match=r"optimizer hooks \['_backend_apply_gradients'"):
+        hooks.check_optimizer_hooks(object)
+
+
+def test_a_changed_keras_trainer_leaves_custom_loops_working(monkeypatch):
+    """multiworker_fit's fallback: a Keras whose TF trainer lacks a patched
+    piece raises KerasTrainerChanged (an ImportError naming it) from the
+    documented call, and nothing is patched."""
+    from distadam import _keras_internals as hooks
+    from distadam import multiworker_fit
+
+    monkeypatch.setattr(hooks, "TRAINER_HOOKS", hooks.TRAINER_HOOKS + ("TensorFlowTrainer._gone_in_a_new_keras",))
+    monkeypatch.setattr(multiworker_fit, "_ORIGINALS", {})
+    with pytest.raises(hooks.KerasTrainerChanged, match="_gone_in_a_new_keras"):
+        multiworker_fit.enable_multiworker_fit()
+    assert multiworker_fit._ORIGINALS == {}
+    monkeypatch.setattr(hooks, "TRAINER_MODULE", "keras.src.backend.no_such_trainer")
+    with pytest.raises(ImportError, match="is the Keras backend TensorFlow"):
+        hooks.tensorflow_trainer()

@@ -181,3 +181,66 @@ def test_run_all_refuses_two_partial_runs_at_once(flags, capsys):
         run_all.main(flags)
     assert exit_info.value.code == 2
     assert "choose one of" in capsys.readouterr().err
+
+
+# ------------------------------------------------ the profiler's private seam
+from harness import profiler  # noqa: E402
+
+# A framework_op_stats table as TensorBoard's plugin returns it ([host, device]).
+_TABLE = json.dumps([{
+    "cols": [{"id": "type"}, {"id": "operation"}, {"id": "total_self_time"}],
+    "rows": [{"c": [{"v": "MatMul"}, {"v": "dense/MatMul"}, {"v": 3000.0}]},
+             {"c": [{"v": "AllToAll"}, {"v": "a2a"}, {"v": 1000.0}]},
+             {"c": [{"v": "IDLE"}, {"v": "IDLE"}, {"v": 500.0}]}],
+}, {"cols": [], "rows": []}])
+
+
+def test_profile_summary_reads_the_plugins_table():
+    summary = profiler.summarize(_TABLE, profile_steps=2, top=1)
+    assert summary["busy_ms_per_step"] == pytest.approx(2.0) and summary["idle_ms_per_step"] == pytest.approx(0.25)
+    assert summary["by_op_type"] == [{"op": "MatMul", "ms_per_step": 1.5}]
+
+
+def test_profile_falls_back_to_an_error_when_the_private_converter_moves(monkeypatch, tmp_path):
+    """The fallback of the benchmarks' one private TensorFlow import, run:
+    the module gone (ImportError) or its function changed (TypeError) gives
+    the variant an error entry instead of failing the benchmark."""
+    # TensorFlow's own profiler imports the real module, so the move is
+    # simulated by looking for it elsewhere.
+    monkeypatch.setattr(profiler, "PLUGIN_MODULE", "tensorflow.python.profiler.internal._moved_away")
+    assert profiler.framework_op_stats([]) is None
+    calls = []
+    assert profiler.op_profile(lambda: calls.append(1), tmp_path / "trace", profile_steps=2, top=3) == \
+        {"error": "profiler plugin could not convert the trace"}
+    assert calls == [1, 1]  # the steps ran; only the summary is missing
+    moved = type(sys)("moved_plugin")
+    moved.xspace_to_tools_data = lambda xplanes, tool: (b"", True)  # a new signature
+    monkeypatch.setattr(profiler, "PLUGIN_MODULE", "moved_plugin")
+    monkeypatch.setitem(sys.modules, "moved_plugin", moved)
+    assert profiler.framework_op_stats(["x.xplane.pb"]) is None
+
+
+def test_the_private_converter_is_where_this_tensorflow_keeps_it():
+    """Fails when TensorFlow moves it, so the fallback above is not silently
+    all a benchmark ever gets."""
+    import importlib
+
+    plugin = importlib.import_module(profiler.PLUGIN_MODULE)
+    assert callable(plugin.xspace_to_tools_data)
+
+
+# ------------------------------------------- the capacity benchmark's search
+import capacity  # noqa: E402
+
+
+@pytest.mark.parametrize("limit, expected", [(1000, (960, 1024)), (2000, (1984, 2048)), (10_000, (4096, None)),
+                                             (10, (None, 64))])
+def test_capacity_search_brackets_the_largest_fitting_width(limit, expected):
+    """Pure logic, no TensorFlow: grow or shrink from the start, then bisect
+    to one resolution step; the answer is (largest fitting, smallest failing)."""
+    tried = []
+    found = capacity.search_largest(lambda w: tried.append(w) or w <= limit, 1500, low=64, high=4096, resolution=64)
+    assert found == expected
+    assert all(w % 64 == 0 and 64 <= w <= 4096 for w in tried) and len(tried) == len(set(tried))
+    assert capacity.predicted_ratio(2) == pytest.approx(4 / 3) and capacity.predicted_ratio(4) == pytest.approx(1.6)
+    assert capacity.params_for(2048, 4) == 4 * (2048 * 2048 + 2048)

@@ -220,6 +220,8 @@ def test_tf_train_checkpoint_round_trip(tmp_path):
     model, optimizer = make_trained()
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
     path = checkpoint.save(str(tmp_path / "ckpt"))
+    # Each shard under a key naming its element range (PerKeyCheckpoint's hooks).
+    assert any("ELEMENTS_0_" in name for name, _ in tf.train.list_variables(path))
     saved_state = optimizer.gather_full_state("velocity")
     saved_weights = model.get_weights()
     fresh_model, fresh_optimizer = make_trained(seed=9, steps=2)

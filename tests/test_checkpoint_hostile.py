@@ -547,3 +547,19 @@ def test_a_manifest_larger_than_this_models_can_be_is_not_parsed(two_checkpoints
     monkeypatch.setattr(checkpoint_files, "open_manifest", lambda data: parsed.append(len(data)) or real(data))
     expect_fallback(directory, good, saved, r"manifest.json has \d+ bytes, more than the \d+")
     assert max(parsed) < 1 << 16, "the oversized manifest was parsed"
+
+
+def test_a_tensorflow_without_the_checkpoint_hooks_is_refused_at_import():
+    """The fallback of the one private TensorFlow checkpoint use (state.py's
+    per-worker keys), run: a Trackable without the hooks is refused with a
+    clear error, since saving one value for every shard would mix the state."""
+    from distadam import _tf_internals
+
+    _tf_internals.check_checkpoint_hooks()  # this TensorFlow has them
+
+    class OldTrackable:
+        def _restore_from_tensors(self, restored):
+            return restored
+
+    with pytest.raises(ImportError, match=r"checkpoint hook Trackable._serialize_to_tensors.*one value for every worker"):
+        _tf_internals.check_checkpoint_hooks(OldTrackable)

@@ -188,7 +188,10 @@ def test_planner_recommendation_is_the_minimum_of_its_own_table():
     for workers in (8, 64, 256):
         c = planner.comm_plan(variables, workers, A100, split_first=True, tolerance=0.0)
         fastest = min(c["sharded"], key=lambda o: o["seconds"])
-        assert c["recommended"]["group_size"] == fastest["group_size"]
+        by_g = {o["group_size"]: o for o in c["sharded"]}
+        # Ties (G=1 and G=N with one bucket each) go to the largest G.
+        assert by_g[c["recommended"]["group_size"]]["seconds"] == fastest["seconds"]
+        assert c["recommended"]["group_size"] == max(g for g, o in by_g.items() if o["seconds"] == fastest["seconds"])
         assert [o["group_size"] for o in c["sharded"]] == cost_model.divisors(workers)
 
 
@@ -280,7 +283,8 @@ def test_cli_text_shows_every_g_and_the_recommendation(capsys):
     assert "keras Adam (one all-reduce over N)" in out and "ShardedAdam G=N=64" in out
     for g in (1, 2, 4, 8, 16, 32):
         assert f"ShardedAdam hybrid G={g} " in out
-    assert "--shard-group-size" in out and "recommended shard_group_size: 8" in out
+    # With buckets sized for N ("auto"), the default G=N is the fastest here.
+    assert "--shard-group-size" in out and "recommended shard_group_size: 64" in out
 
 
 def test_cli_json_and_overrides(capsys):
@@ -374,3 +378,44 @@ def test_readme_table_cells_come_from_the_planner():
     assert r["keras"]["seconds"] == c["keras_adam"]["seconds"]
     assert r["best"]["group_size"] == c["recommended"]["group_size"]
     assert math.isclose(r["full"]["state_bytes"], 8 * 7e9 / 64)
+
+
+# ------------------------------------------- defaults that never lose (issue 27)
+@pytest.mark.parametrize("preset", sorted(cost_model.PRESETS))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_defaults_communicate_within_5_percent_of_keras_adam_in_every_row(preset, dtype):
+    """ShardedAdam's defaults (G = N, bucket_elements="auto") against Keras
+    Adam's single all-reduce, 8-1024 GPUs x 100M-70B parameters: at most
+    1.05x the communication per update, with 1/N of the state."""
+    network = cost_model.PRESETS[preset]
+    for gpus in (8, 64, 256, 1024):
+        for params in (1e8, 1e9, 7e9, 7e10):
+            variables = planner.variables_from_count(params, dtype)
+            c = planner.comm_plan(variables, gpus, network, split_first=True)
+            defaults = {o["group_size"]: o for o in c["sharded"]}[gpus]
+            keras = c["keras_adam"]
+            assert defaults["seconds"] <= 1.05 * keras["seconds"], (preset, dtype, gpus, params, c["buckets"])
+            assert defaults["state_bytes"] <= keras["state_bytes"] / gpus * 1.0001, (preset, gpus, params)
+
+
+def test_fixed_buckets_of_2_22_elements_lost_where_auto_does_not():
+    """The check above fails on the old default: 16 MiB buckets at 64 A100s
+    pay 24 buckets' latency for 100M parameters (4.1x Keras Adam)."""
+    variables = planner.variables_from_count(1e8, "float32")
+    old = planner.comm_plan(variables, 64, A100, split_first=True, bucket_elements=1 << 22)
+    new = planner.comm_plan(variables, 64, A100, split_first=True)
+    by_g = lambda c: {o["group_size"]: o for o in c["sharded"]}[64]["seconds"]  # noqa: E731
+    assert by_g(old) > 4 * old["keras_adam"]["seconds"] and old["buckets"] == 24
+    assert by_g(new) <= 1.05 * new["keras_adam"]["seconds"] and new["buckets"] == 1
+
+
+def test_auto_bucket_size_grows_with_the_workers_and_never_shrinks_below_the_old_cap():
+    from distadam.partition import MIN_AUTO_BUCKET_ELEMENTS, auto_bucket_elements, resolve_bucket_elements
+
+    sizes = [auto_bucket_elements(n) for n in (1, 2, 64, 1024)]
+    assert sizes == sorted(sizes) and sizes[0] >= MIN_AUTO_BUCKET_ELEMENTS
+    assert auto_bucket_elements(2, itemsize=2) == 2 * auto_bucket_elements(2, itemsize=4)  # bytes, not elements
+    # The bound: N x the largest latency-bandwidth product of the presets, over 5 %.
+    assert auto_bucket_elements(64) * 4 >= 64 * cost_model.REFERENCE_LATENCY_BYTES / cost_model.AUTO_LATENCY_SHARE
+    assert resolve_bucket_elements("auto", 2, ["bfloat16", "float32"]) == auto_bucket_elements(2, itemsize=2)
+    assert resolve_bucket_elements(None, 2) is None and resolve_bucket_elements(7, 2) == 7

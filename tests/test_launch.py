@@ -176,6 +176,33 @@ def load_weights_of_untrained_model():
         return [data[f"arr_{i}"] for i in range(len(data.files))]
 
 
+# The main job's data, stored with the example (examples/data/README.md).
+DIGITS_SHA256 = "af104d81e7cd419be5f343d23c6ca2e4e4ff847b06636260802df8e903c6183f"
+
+
+def test_the_main_jobs_data_is_the_recorded_digits_set_and_is_checked(tmp_path):
+    import hashlib
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import train_digits
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    assert hashlib.sha256(train_digits.DIGITS.read_bytes()).hexdigest() == DIGITS_SHA256
+    (x_train, y_train), (x_test, y_test) = train_digits.load_data(seed=3)
+    assert x_train.shape == (1437, 64) and x_test.shape == (360, 64) and 0 <= x_train.min() <= x_train.max() <= 1
+    labels = np.concatenate([y_train, y_test])
+    assert np.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    # A crafted file is refused (no pickles, wrong shapes or values).
+    crafted = tmp_path / "digits.npz"
+    np.savez(crafted, images=np.full((1797, 64), 255, np.uint8), labels=np.zeros(1797, np.uint8))
+    with pytest.raises(ValueError, match="not the digits data set"):
+        train_digits.load_data(3, path=crafted)
+    np.savez(crafted, images=np.array([object()]), labels=np.zeros(1797, np.uint8))
+    with pytest.raises(ValueError, match="allow_pickle=False"):
+        train_digits.load_data(3, path=crafted)
+
+
 # -------------------------------------------------------- failure paths
 @pytest.mark.timeout(120)
 def test_failed_worker_stops_the_job_and_is_named(tmp_path):
@@ -337,9 +364,8 @@ def test_signal_stops_detached_descendants(tmp_path):
 
 
 # ------------------------------------------------------------- network
-def listening_sockets(pid):
-    """(address, port) of every TCP socket ``pid`` holds in LISTEN state, from
-    its network namespace's /proc/PID/net/tcp and tcp6."""
+def socket_inodes(pid):
+    """Inodes of the sockets process ``pid`` holds open."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
@@ -348,6 +374,13 @@ def listening_sockets(pid):
             continue
         if target.startswith("socket:["):
             inodes.add(target[len("socket:["):-1])
+    return inodes
+
+
+def listening_sockets(pid):
+    """(address, port) of every TCP socket ``pid`` holds in LISTEN state, from
+    its network namespace's /proc/PID/net/tcp and tcp6."""
+    inodes = socket_inodes(pid)
     found = []
     for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
         path = Path(f"/proc/{pid}/net/{table}")
@@ -370,6 +403,41 @@ def network_namespace(pid="self"):
     return os.stat(f"/proc/{pid}/ns/net").st_ino
 
 
+def assert_listener_confined(ready: Path, require_private: bool) -> None:
+    """The process a probe's ``.ready`` file names ({"pid", "port"}) listens
+    on its port, and only on loopback or inside a network namespace other
+    than the machine's whose only interface is lo (``require_private``: the
+    latter, whatever the address); from the machine's own namespace the port
+    is not there (the probe connects to 127.0.0.1 only)."""
+    worker = json.loads(ready.read_text())
+    sockets = listening_sockets(worker["pid"])
+    assert worker["port"] in {port for _, port in sockets}, (worker, sockets)
+    private = (network_namespace(worker["pid"]) != network_namespace()
+               and launch.network_interfaces(worker["pid"]) == ["lo"])
+    exposed = [(str(address), port) for address, port in sockets if not address.is_loopback]
+    if require_private:
+        assert private, f"{ready.name}: listening in the machine's network namespace on {sockets}"
+    assert private or not exposed, f"{ready.name}: listening beyond loopback on {exposed}"
+    with socket.socket() as probe_socket, pytest.raises(ConnectionRefusedError):
+        probe_socket.settimeout(5)
+        probe_socket.connect(("127.0.0.1", worker["port"]))
+
+
+def probe_listeners(proc, probe_dir: Path, require_private: bool, start_timeout: float) -> str:
+    """Check the listeners of a job of two listen probes (tests/workers/*listen_probe.py)
+    once both are ready, then let them exit; the job's stderr."""
+    try:
+        wait_for_files(probe_dir, "*.ready", 2, timeout=start_timeout, proc=proc)
+        for ready in sorted(probe_dir.glob("*.ready")):
+            assert_listener_confined(ready, require_private=require_private)
+        (probe_dir / "stop").write_text("")
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 0, stderr[-3000:]
+    return stderr
+
+
 @pytest.mark.timeout(240)
 def test_workers_expose_nothing_beyond_loopback(tmp_path):
     """TensorFlow's gRPC server binds every interface. Read from the socket
@@ -379,25 +447,7 @@ def test_workers_expose_nothing_beyond_loopback(tmp_path):
     The only traffic sent is to 127.0.0.1."""
     listen_probe = ROOT / "tests" / "workers" / "listen_probe.py"
     proc = start([*console_script(), "--nproc", "2", "--timeout", "200", str(listen_probe), str(tmp_path)])
-    try:
-        wait_for_files(tmp_path, "*.ready", 2, timeout=180, proc=proc)
-        for ready in sorted(tmp_path.glob("*.ready")):
-            worker = json.loads(ready.read_text())
-            sockets = listening_sockets(worker["pid"])
-            assert worker["port"] in {port for _, port in sockets}, (worker, sockets)
-            private = (network_namespace(worker["pid"]) != network_namespace()
-                       and launch.network_interfaces(worker["pid"]) == ["lo"])
-            exposed = [(str(address), port) for address, port in sockets if not address.is_loopback]
-            assert private or not exposed, f"{ready.name}: listening beyond loopback on {exposed}"
-            # From the machine's own namespace the worker's port is not there.
-            with socket.socket() as probe_socket, pytest.raises(ConnectionRefusedError):
-                probe_socket.settimeout(5)
-                probe_socket.connect(("127.0.0.1", worker["port"]))
-        (tmp_path / "stop").write_text("")
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        kill_group(proc)
-    assert proc.returncode == 0, stderr[-3000:]
+    stderr = probe_listeners(proc, tmp_path, require_private=False, start_timeout=180)
     assert "ExposedServerWarning" not in stderr  # strategy_from_env knows the namespace confines it
 
 
@@ -600,23 +650,7 @@ def test_mpirun_local_ranks_expose_nothing_beyond_loopback(tmp_path):
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     proc = start_process(["bash", ROOT / "launch" / "mpirun_local.sh", listen_probe, tmp_path], cwd=ROOT, env=env,
                          separate_stderr=True)
-    try:
-        wait_for_files(tmp_path, "*.ready", 2, timeout=60, proc=proc)
-        for ready in sorted(tmp_path.glob("*.ready")):
-            rank = json.loads(ready.read_text())
-            sockets = listening_sockets(rank["pid"])
-            assert rank["port"] in {port for _, port in sockets}, (rank, sockets)
-            assert network_namespace(rank["pid"]) != network_namespace(), \
-                f"{ready.name}: listening in the machine's network namespace on {sockets}"
-            assert launch.network_interfaces(rank["pid"]) == ["lo"]
-            with socket.socket() as probe_socket, pytest.raises(ConnectionRefusedError):
-                probe_socket.settimeout(5)
-                probe_socket.connect(("127.0.0.1", rank["port"]))
-        (tmp_path / "stop").write_text("")
-        _, stderr = proc.communicate(timeout=30)
-    finally:
-        kill_group(proc)
-    assert proc.returncode == 0, stderr[-3000:]
+    probe_listeners(proc, tmp_path, require_private=True, start_timeout=60)
 
 
 @pytest.mark.timeout(60)

@@ -43,17 +43,17 @@ CASES = [
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(520)  # hard bounds, not expectations: the job takes ~40 s on an idle machine
 @pytest.mark.parametrize("workers", [2, 3])
 def test_model_fit_on_worker_processes_matches_single_device_adam(tmp_path, workers):
     cases = CASES if workers == 2 else CASES[:1]
     references = start_process([sys.executable, WORKERS / "reference.py", json.dumps(cases), tmp_path])
     try:
-        command = [sys.executable, "-m", "distadam.launch", "--nproc", workers, "--timeout", 180,
+        command = [sys.executable, "-m", "distadam.launch", "--nproc", workers, "--timeout", 420,
                    WORKERS / "fit_multiworker.py", json.dumps(cases), tmp_path]
-        finished = run_process(command, 200, env=worker_env(PYTHONPATH=f"{WORKERS}:{ROOT}"))
+        finished = run_process(command, 450, env=worker_env(PYTHONPATH=f"{WORKERS}:{ROOT}"))
         assert finished.code == 0, finished.out[-6000:]
-        out, _ = wait_for(references, 200)
+        out, _ = wait_for(references, 450)
         assert references.returncode == 0, out[-3000:]
     finally:
         kill_group(references)

@@ -80,7 +80,7 @@ import numpy as np
 import tensorflow as tf
 
 from distadam.collectives.base import Collectives, slice_own_shard, sum_rows
-from distadam.collectives.hybrid import member_ranks
+from distadam.worker_grid import WorkerGrid
 
 
 def _import_horovod():
@@ -210,12 +210,13 @@ class HorovodCollectives(Collectives):
         adds them when Horovod runs with ``HOROVOD_DYNAMIC_PROCESS_SETS=1``."""
         if group_size == self._size:
             return None
-        groups, positions = member_ranks(self._size, group_size)
+        grid = WorkerGrid(self._size, group_size)
+        groups, positions = grid.groups(), grid.positions()
         # Every rank resolves (and, in dynamic mode, adds) every set, in the
         # same order: adding a process set is itself a collective.
         sets = {tuple(ranks): self._process_set(ranks, group_size) for ranks in groups + positions}
-        within = sets[tuple(groups[self._rank // group_size])]
-        across = sets[tuple(positions[self._rank % group_size])]
+        within = sets[tuple(groups[grid.group_of(self._rank)])]
+        across = sets[tuple(positions[grid.shard_of(self._rank)])]
         return _HorovodSubgroupOps(self, within, across, group_size)
 
     def _process_set(self, ranks, group_size):
@@ -274,8 +275,8 @@ def hybrid_process_sets(size: int, group_size: int) -> list:
     hvd = _import_horovod()
     if group_size < 1 or size % group_size or group_size == size:
         raise ValueError(f"group_size must be a divisor of size ({size}) smaller than it, got {group_size}")
-    groups, positions = member_ranks(size, group_size)
-    sets = [hvd.ProcessSet(ranks) for ranks in groups + positions if len(ranks) > 1]
+    grid = WorkerGrid(size, group_size)
+    sets = [hvd.ProcessSet(ranks) for ranks in grid.groups() + grid.positions() if len(ranks) > 1]
     # hvd.init() sets their ids; the backend finds them here by their ranks.
     _KNOWN_SETS.update((tuple(ps.ranks), ps) for ps in sets)
     return sets

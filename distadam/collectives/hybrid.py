@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from distadam.collectives.base import Collectives, slice_own_shard, sum_rows
+from distadam.worker_grid import WorkerGrid, check_group_size
 
 
 class SubgroupOps(typing.Protocol):
@@ -51,27 +52,6 @@ class SubgroupOps(typing.Protocol):
     def all_reduce_across(self, values: tf.Tensor, name: str | None) -> tf.Tensor: ...
 
     def all_gather_within(self, shard: tf.Tensor, name: str | None) -> tf.Tensor: ...
-
-
-def check_group_size(group_size, num_workers: int) -> int:
-    """``group_size`` (None: all workers) checked against ``num_workers``."""
-    if group_size is None:
-        return num_workers
-    if group_size > num_workers or num_workers % group_size:
-        divisors = [d for d in range(1, num_workers + 1) if num_workers % d == 0]
-        raise ValueError(
-            f"shard_group_size={group_size} must divide the number of workers ({num_workers}): "
-            f"groups of consecutive workers hold one copy of the state each. Possible values: {divisors}"
-        )
-    return int(group_size)
-
-
-def member_ranks(num_workers: int, group_size: int) -> tuple:
-    """(groups, positions): the workers of each group (consecutive indices)
-    and the workers at each position across groups, as sorted lists."""
-    groups = [list(range(start, start + group_size)) for start in range(0, num_workers, group_size)]
-    positions = [list(range(p, num_workers, group_size)) for p in range(group_size)]
-    return groups, positions
 
 
 def shard_group(collectives: Collectives, group_size) -> Collectives:
@@ -100,8 +80,9 @@ class ShardGroupCollectives(Collectives):
     def __init__(self, full: Collectives, group_size: int):
         super().__init__()
         self.full = full
+        self.grid = WorkerGrid(full.num_workers, group_size)
         self.group_size = group_size
-        self.num_groups = full.num_workers // group_size
+        self.num_groups = self.grid.num_groups
         self.name = f"{full.name}[groups of {group_size}]"
         self.gradient_divisor = full.gradient_divisor
         # A group of one communicates nothing within; across is all workers.
@@ -122,11 +103,11 @@ class ShardGroupCollectives(Collectives):
         return self.full.member_order_established and getattr(self.ops, "member_order_established", True)
 
     def worker_index(self):
-        return self._split_index(tf.math.floormod, lambda index: index % self.group_size)
+        return self._split_index(tf.math.floormod, self.grid.shard_of)
 
     def group_index(self):
         """Inside a step: this worker's group (which copy of the state)."""
-        return self._split_index(tf.math.floordiv, lambda index: index // self.group_size)
+        return self._split_index(tf.math.floordiv, self.grid.group_of)
 
     def _split_index(self, op, static_op):
         # A constant stays a constant (TensorFlow does not fold floormod at
@@ -139,7 +120,7 @@ class ShardGroupCollectives(Collectives):
         return op(index, self.group_size)
 
     def local_worker_indices(self) -> list:
-        return [w % self.group_size for w in self.full.local_worker_indices()]
+        return [self.grid.shard_of(w) for w in self.full.local_worker_indices()]
 
     def local_components(self, variable) -> list:
         return self.full.local_components(variable)

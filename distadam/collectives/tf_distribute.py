@@ -43,6 +43,7 @@ from distadam import _tf_internals
 from distadam.collectives import member_order
 from distadam.collectives.base import Collectives, slice_own_shard
 from distadam.collectives.member_order import MemberOrder
+from distadam.worker_grid import WorkerGrid
 
 #: Set to "0" to force the portable (public API) collectives.
 DIRECT_COLLECTIVES_ENV = "DISTADAM_DIRECT_COLLECTIVES"
@@ -208,27 +209,28 @@ class DistributeCollectives(Collectives):
         when the direct path is available, else None (emulated)."""
         if self._direct is None or group_size == self.num_workers:
             return None
+        grid = WorkerGrid(self.num_workers, group_size)
         try:
             indices = _tf_internals.local_replica_ids(self._strategy)
-            within, across = _tf_internals.subgroup_launchers(self._direct, indices, group_size, self.num_workers)
+            within, across = _tf_internals.subgroup_launchers(self._direct, indices, grid)
         except _tf_internals.InternalsUnavailable as error:
             warnings.warn(f"distadam: subgroup collectives unavailable ({error}); emulating them over all workers")
             return None
         # Each local replica's group has a ranking of its own (the members'
         # task names decide it); the across-group collectives only all-reduce.
+        local_groups = {grid.group_of(i) for i in indices}
         if can_probe():
-            orders = self._probe_member_orders(within, lambda replica: replica % group_size)
-            for group in {index // group_size for index in indices}:
-                member_order.agreed([o for o, i in zip(orders, indices) if i // group_size == group])
+            orders = self._probe_member_orders(within, grid.shard_of)
+            for group in local_groups:
+                member_order.agreed([o for o, i in zip(orders, indices) if grid.group_of(i) == group])
             established = True
         else:
             names = member_device_names(self._strategy)
-            orders = [_predicted_order(None if names is None else names[i - i % group_size:][:group_size],
+            orders = [_predicted_order(None if names is None else [names[w] for w in grid.groups()[grid.group_of(i)]],
                                        group_size) for i in indices]
             established = False
         # Members of one group held by one process (equal on every process).
-        members_per_process = max(sum(1 for i in indices if i // group_size == group)
-                                  for group in {i // group_size for i in indices})
+        members_per_process = max(sum(1 for i in indices if grid.group_of(i) == group) for group in local_groups)
         return _DirectSubgroupOps(self, within.with_orders(orders), across, group_size, established,
                                   _tf_internals.all_to_all_is_safe(group_size, members_per_process))
 

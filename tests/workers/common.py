@@ -218,7 +218,7 @@ def group_ops(optimizer):
     "direct" (subgroup collectives), "emulated" (over all workers) or "none"
     (groups of one)."""
     view = optimizer.topology.shard_group
-    if not optimizer.topology.hybrid:
+    if not optimizer.topology.grid.hybrid:
         return None
     if view.num_workers == 1:
         return "none"
