@@ -38,8 +38,9 @@ def rows(node_type=NODE_TYPE, dtype=DTYPE):
             c = planner.comm_plan(variables, gpus, network, split_first=True)
             by_g = {o["group_size"]: o for o in c["sharded"]}
             best = by_g[c["recommended"]["group_size"]]
+            auto = planner.comm_plan(variables, gpus, network, split_first=True, bucket_elements="auto")
             yield {"gpus": gpus, "params": label, "keras": c["keras_adam"], "full": by_g[gpus], "best": best,
-                   "buckets": c["buckets"]}
+                   "buckets": c["buckets"], "auto": {o["group_size"]: o for o in auto["sharded"]}[gpus]}
 
 
 def table(node_type=NODE_TYPE, dtype=DTYPE) -> str:
@@ -48,21 +49,22 @@ def table(node_type=NODE_TYPE, dtype=DTYPE) -> str:
     lines = [
         f"*Predictions of the alpha-beta model, not measurements* (`python benchmarks/plan_table.py`; node type "
         f"`{node_type}`: {net.description}; {net.gpus_per_node} GPUs per node; {dtype} parameters, gradients and "
-        f"Adam m, v; ShardedAdam's defaults: G=N and `bucket_elements=\"auto\"`, buckets sized from N so that "
-        "their latency stays a small share; no overlap with the backward pass). Each cell: communication per "
-        "optimizer update / optimizer state per worker; ÷ Keras: the defaults' communication over Keras Adam's. "
-        f"Recommended G: the fastest predicted, times within {cost_model.DEFAULT_TOLERANCE:.0%} counting as equal "
-        "and the largest such G winning.",
+        f"Adam m, v; ShardedAdam's defaults: G=N, buckets of 2^22 elements; \"auto\": `bucket_elements=\"auto\"`, "
+        "buckets sized from N so that their latency stays a small share, for more temporary memory; no overlap "
+        "with the backward pass). Each cell: communication per optimizer update / optimizer state per worker; "
+        "÷ Keras: communication over Keras Adam's. Recommended G (default buckets): the fastest predicted, times "
+        f"within {cost_model.DEFAULT_TOLERANCE:.0%} counting as equal and the largest such G winning.",
         "",
-        "| GPUs | parameters | Keras Adam | ShardedAdam defaults (G=N) | ÷ Keras | recommended G | "
-        "ShardedAdam, recommended G |",
-        "|---|---|---|---|---|---|---|",
+        "| GPUs | parameters | Keras Adam | ShardedAdam defaults (G=N) | ÷ Keras | G=N, \"auto\" buckets | "
+        "÷ Keras | recommended G | ShardedAdam, recommended G |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows(node_type, dtype):
         lines.append(
             f"| {r['gpus']} | {r['params']} | {t(r['keras']['seconds'])} / {b(r['keras']['state_bytes'])} | "
             f"{t(r['full']['seconds'])} / {b(r['full']['state_bytes'])} | "
-            f"{r['full']['seconds'] / r['keras']['seconds']:.3f} | {r['best']['group_size']} | "
+            f"{r['full']['seconds'] / r['keras']['seconds']:.2f} | {t(r['auto']['seconds'])} | "
+            f"{r['auto']['seconds'] / r['keras']['seconds']:.3f} | {r['best']['group_size']} | "
             f"{t(r['best']['seconds'])} / {b(r['best']['state_bytes'])} |")
     return "\n".join(lines)
 

@@ -101,7 +101,11 @@ def check_sharding_arguments(*, backend, bucket_elements, shard_alignment, skip_
     require_positive_int("shard_alignment", shard_alignment)
     require_positive_int("min_shard_elements", min_shard_elements, minimum=0)
     # Whether it divides the number of workers is checked when the workers are known (build).
-    require_positive_int("shard_group_size", shard_group_size, allow_none=True)
+    if not (isinstance(shard_group_size, str) and shard_group_size == "auto"):
+        try:
+            require_positive_int("shard_group_size", shard_group_size, allow_none=True)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{error} (or \"auto\": the workers of one node)") from None
 
 
 def name_matches(variable, patterns) -> bool:
@@ -128,7 +132,7 @@ def _optional_int(value):
     return None if value is None else int(value)
 
 
-def _bucket_cap(value):
+def _bucket_cap(value):  # also shard_group_size: an integer, None or "auto"
     return value if value in (None, "auto") else int(value)
 
 
@@ -142,7 +146,7 @@ OWN_ARGUMENTS = {
     "beta_1": _same, "beta_2": _same, "epsilon": _same, "amsgrad": bool,
     "backend": _same, "bucket_elements": _bucket_cap, "shard_alignment": int, "skip_nonfinite": bool,
     "max_consecutive_skips": _optional_int, "replicate": tuple, "row_sparse": tuple,
-    "min_shard_elements": int, "shard_group_size": _optional_int, "fused_update": bool,
+    "min_shard_elements": int, "shard_group_size": _bucket_cap, "fused_update": bool,
 }
 _ADAM_CHECKED = ("learning_rate", "beta_1", "beta_2", "epsilon", "amsgrad", "weight_decay", "clipnorm",
                  "clipvalue", "global_clipnorm", "ema_momentum", "ema_overwrite_frequency", "loss_scale_factor",

@@ -52,12 +52,12 @@ class ShardedAdam(keras.optimizers.Optimizer):
             when it is initialised and no strategy is), ``"tf.distribute"``,
             ``"horovod"``, or any name registered with
             :func:`distadam.collectives.register_backend`.
-        bucket_elements: cap on elements per flat bucket (laid out last layer
-            first; a larger variable gets a bucket of its own). ``"auto"``
-            (default): sized from the number of workers, so that latency keeps
-            communication within 5 % of Keras Adam's all-reduce on any network
-            the planner knows (:func:`distadam.partition.auto_bucket_elements`);
-            an integer caps the ~2 buckets of temporary buffers a step holds;
+        bucket_elements: cap on elements per flat bucket (default 2**22; laid
+            out last layer first, a larger variable gets a bucket of its own);
+            a step holds a few buckets of temporary buffers. ``"auto"``: sized
+            from the number of workers so that latency keeps communication
+            within 5 % of Keras Adam's all-reduce on any network the planner
+            knows, for more memory (:func:`distadam.partition.auto_bucket_elements`);
             ``None``: one bucket per dtype and placement.
         shard_alignment: round shard sizes up to a multiple of this.
         skip_nonfinite: if an update is not finite on any worker (a NaN/Inf
@@ -101,9 +101,9 @@ class ShardedAdam(keras.optimizers.Optimizer):
             (must divide the number of workers). Gradients are
             reduce-scattered within the group and the shards all-reduced
             across groups; parameters are all-gathered within the group only.
-            On a cluster, set it to the devices per node: the gathers stay on
-            the node's links and 1/G of each bucket crosses the network (see
-            ``distadam plan``). Default ``None``: all workers, each holds 1/N.
+            ``"auto"``: one node's workers when the job spans several
+            (:func:`distadam.topology.auto_group_size`; 1/G of each bucket
+            crosses the network). Default ``None``: all workers (1/N each).
         fused_update: compile each bucket's shard update with XLA into one
             pass (default); ``False`` runs it op by op, bit for bit the
             arithmetic of ``keras.optimizers.Adam``.

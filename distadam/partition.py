@@ -212,29 +212,38 @@ def _num_elements(shape) -> int:
 #: Bytes per element of the float dtypes a layout meets (the planner's too).
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 
-#: ``bucket_elements="auto"`` (the default): buckets sized from the number of
-#: workers so that communication stays within 5 % of one all-reduce of
-#: everything on any network the planner knows (:func:`auto_bucket_elements`).
-AUTO = "auto"
-DEFAULT_BUCKET_ELEMENTS = AUTO
+#: Default cap on elements per bucket: 16 MiB of float32 (PyTorch DDP's
+#: buckets are 25 MiB). Each bucket costs two collective launches per step,
+#: each with a fixed latency (measured ~3.5 ms on 2 local CPU processes); a
+#: step holds about two buckets' worth of temporary flat buffers, so small
+#: buckets keep what ZeRO saves: measured (benchmarks/capacity.py) it fits
+#: >= 1.70x Keras Adam's largest model at 4 workers, where one model-sized
+#: "auto" bucket fit 0.89x.
+DEFAULT_BUCKET_ELEMENTS = 1 << 22
 
-#: The smallest bucket "auto" makes: 16 MiB of float32 (PyTorch DDP's buckets
-#: are 25 MiB), the fixed default before "auto". Each bucket costs two
-#: collective launches per step, each with a fixed latency (measured ~3.5 ms
-#: on 2 local CPU processes).
-MIN_AUTO_BUCKET_ELEMENTS = 1 << 22
+#: ``bucket_elements="auto"``: buckets sized from the number of workers so
+#: that communication stays within 5 % of one all-reduce of everything on
+#: any network the planner knows (:func:`auto_bucket_elements`), for jobs
+#: whose step is communication-bound and whose memory has room for the
+#: larger flat buffers.
+AUTO = "auto"
+
+#: The smallest bucket "auto" makes: the default cap.
+MIN_AUTO_BUCKET_ELEMENTS = DEFAULT_BUCKET_ELEMENTS
 
 
 def auto_bucket_elements(num_workers: int, itemsize: int = 4) -> int:
-    """Elements per bucket for ``bucket_elements="auto"``: enough bytes that
+    """Elements per bucket for ``bucket_elements="auto"`` (opt-in): enough bytes that
     the fixed latency of each bucket's collectives stays a small share of its
     transfer time (:func:`distadam.cost_model.auto_bucket_bytes`: N times the
     largest latency-bandwidth product of the presets, over the 5 % share),
     and never fewer than :data:`MIN_AUTO_BUCKET_ELEMENTS`. Grows with N: 20M
     float32 elements (80 MB) at 2 workers, 10G at 1024 (one bucket for most
-    models there). The cost is temporary memory: a step holds about two
-    buckets' worth of flat buffers (the gradients going out and the gathered
-    parameters coming back); set a number to cap it."""
+    models there). The cost is temporary memory: a step holds a few buckets'
+    worth of flat buffers (the gradients going out, the exchange's buffers,
+    the gathered parameters); with one model-sized bucket that is more than
+    the sharded state saves (benchmarks/capacity.py measured 0.89x Keras
+    Adam's largest model at 4 workers, against >= 1.70x with the default)."""
     from distadam import cost_model  # pure Python; imported here to keep this module's imports light
 
     elements = math.ceil(cost_model.auto_bucket_bytes(num_workers) / itemsize)

@@ -45,9 +45,13 @@ class Topology:
     @classmethod
     def build(cls, everyone: Collectives, shard_group_size=None, environ=None) -> "Topology":
         """The topology of ``everyone`` sharded over groups of
-        ``shard_group_size`` consecutive workers (None: one group of all)."""
+        ``shard_group_size`` consecutive workers (None: one group of all;
+        ``"auto"``: :func:`auto_group_size`)."""
+        per_node = workers_per_node(everyone.num_workers, environ)
+        if shard_group_size == AUTO:
+            shard_group_size = auto_group_size(everyone.num_workers, per_node)
         shard_group = hybrid.shard_group(everyone, shard_group_size)
-        return cls(everyone, shard_group, workers_per_node(everyone.num_workers, environ))
+        return cls(everyone, shard_group, per_node)
 
     @property
     def grid(self) -> WorkerGrid:
@@ -100,6 +104,24 @@ class Topology:
 
     def describe(self) -> str:
         return self.grid.describe(self.everyone.name)
+
+
+#: ``ShardedAdam(shard_group_size="auto")``.
+AUTO = "auto"
+
+
+def auto_group_size(num_workers: int, per_node):
+    """G for ``shard_group_size="auto"``: the workers of one node when the
+    job spans several (known from ``DISTADAM_WORKERS_PER_NODE``, which
+    ``distadam launch --nodes`` sets), else all workers (None). Why: then the
+    reduce-scatter and all-gather stay inside a node and only 1/G of each
+    bucket crosses the network, once each way; across emulated nodes this
+    was the fastest layout measured (docs/benchmarks/emulated-cluster.md:
+    0.82x Keras Adam's step against 1.15x for G = N, 2 x 2 workers at
+    200 Mbit/s), and on one node it is G = N."""
+    if per_node and num_workers > per_node:
+        return per_node
+    return None
 
 
 def workers_per_node(num_workers: int, environ=None):

@@ -36,15 +36,17 @@ from test_launch import socket_inodes
 PROBE = WORKERS / "launch_probe.py"
 RTF_REJECT = 0x0200  # the kernel's own "unreachable" IPv6 default (ip6_null_entry)
 
-# One job, both group sizes (several ShardedAdam under one strategy). The
-# clipping threshold clips some of the 15 updates and not others; the same
-# reference arguments, so one Keras Adam reference serves both.
+# One job, both group sizes (several ShardedAdam under one strategy): G = 2
+# as shard_group_size="auto" resolves it from the 2 workers per node the
+# launcher announces, and G = 4 (all workers). The clipping threshold clips
+# some of the 15 updates and not others; the same reference arguments, so one
+# Keras Adam reference serves both.
 STEPS = 15
 CASES = [
     {"name": f"emulated_2x2_groups_of_{group}_global_clipnorm_schedule", "build": "lazy",
-     "kwargs": {"shard_group_size": group, "global_clipnorm": 0.6, "fused_update": False},
-     "schedule": SCHEDULE, "steps": STEPS}
-    for group in (2, 4)
+     "kwargs": {"shard_group_size": given, "global_clipnorm": 0.6, "fused_update": False},
+     "expected_group_size": group, "schedule": SCHEDULE, "steps": STEPS}
+    for group, given in ((2, "auto"), (4, 4))
 ]
 
 

@@ -115,6 +115,8 @@ def check_case(case, results, expected, workers):
     direct = direct_collectives_requested() and not case.get("portable")
     assert bool(first["direct"]) == direct
     shards = kwargs.get("shard_group_size", workers)
+    if shards == "auto":  # resolved from the workers per node the launcher announced
+        shards = case["expected_group_size"]
     if shards < workers:
         assert str(first["group_ops"]) == ("direct" if direct else "emulated")
     # Adam's m, v (and EMA) divided over the shards, plus padding.

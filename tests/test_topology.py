@@ -137,3 +137,21 @@ def test_group_size_none_means_everyone_and_small_jobs_fit_one_node():
     assert check_group_size(None, 6) == 6
     assert WorkerGrid(2, 2, 8).num_nodes == 1 and WorkerGrid(2, 2, 8).group_placement() == (False, 2)
     assert WorkerGrid(4, 2).num_nodes == 1 and WorkerGrid(4, 2).across_placement() == (False, 2)
+
+
+def test_auto_group_size_is_one_node_when_the_job_spans_several():
+    backend = EightWorkersTwoPerProcess()
+    spans = Topology.build(backend, "auto", environ={WORKERS_PER_NODE_ENV: "4"})
+    assert spans.group_size == 4 and spans.grid == WorkerGrid(8, 4, 4)
+    # One node, or nothing known about nodes: all workers, as None.
+    for environ in ({WORKERS_PER_NODE_ENV: "8"}, {}):
+        assert Topology.build(backend, "auto", environ=environ).shard_group is backend
+
+
+def test_auto_group_size_survives_the_config_and_bad_values_name_it():
+    from distadam import ShardedAdam
+
+    opt = ShardedAdam(shard_group_size="auto")
+    assert ShardedAdam.from_config(opt.get_config()).shard_group_size == "auto"
+    with pytest.raises(ValueError, match=r"shard_group_size.*\"auto\": the workers of one node"):
+        ShardedAdam(shard_group_size="node")
