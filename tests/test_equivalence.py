@@ -119,9 +119,8 @@ ELEMENTWISE_REPLICAS = 3
 # exchange or statistics differ: the plain step and model.fit, both norm
 # clippings, accumulation under model.fit, several buckets, the densified
 # table with loss scaling, and the replicated table; N = 2 and 3 run the rest.
-FOUR_WORKER_CASES = ("defaults", "defaults_model_fit", "clipnorm", "global_clipnorm",
+FOUR_WORKER_CASES = ("defaults", "defaults_model_fit", "global_clipnorm",
                      "gradient_accumulation_global_clipnorm_model_fit",
-                     "small_buckets_clipnorm_accumulation_model_fit",
                      "embedding_densified_loss_scale_weight_decay", "replicated_embedding_global_clipnorm")
 # The portable (public-API) collectives, which NCCL/TPU strategies take and
 # DISTADAM_DIRECT_COLLECTIVES=0 forces, on a covering set run inside the same
@@ -133,26 +132,29 @@ FOUR_WORKER_CASES = ("defaults", "defaults_model_fit", "clipnorm", "global_clipn
 PORTABLE_CASES = {
     2: ("defaults_model_fit", "defaults"),
     3: ("small_buckets_clipnorm_accumulation_model_fit", "replicated_embedding_global_clipnorm",
-        "use_ema_finalize_model_fit", "defaults"),
+        "use_ema_finalize_model_fit"),
     HYBRID_REPLICAS: ("groups_of_2_clipnorm_amsgrad", "groups_of_2_global_clipnorm_replicated_embedding"),
 }
 
 
 # The fused update (one XLA program per replica per bucket) is most of a
-# case's cost: about a third of a process's time measured at N = 3. N = 1 and
-# 2 run every case fused (the default); from N = 3 on the cases run the same
+# case's cost: about a third of a process's time measured at N = 3. N = 1
+# runs every case fused (the default); from N = 2 on the cases run the same
 # arithmetic op by op (fused_update=False, a sharding argument: the Keras
 # reference is unchanged) except these, which keep XLA on uneven, padded
-# shards (N = 3) and under hybrid groups (N = 4).
+# shards (N = 3) and under hybrid groups (N = 4), and at N = 2 also with
+# both norm clippings, weight decay and loss scaling.
 FUSED_FROM_3 = ("defaults", "defaults_model_fit", "amsgrad", "epsilon_zero_padded", "use_ema_overwrite",
                 "groups_of_2_defaults_model_fit", "groups_of_2_clipnorm_amsgrad")
+FUSED_AT_2 = FUSED_FROM_3 + ("clipnorm", "global_clipnorm", "weight_decay_with_exclusion",
+                             "embedding_densified_loss_scale_weight_decay")
 
 
-assert all(any(c["name"] == name for c in CASES) for name in FUSED_FROM_3 + FOUR_WORKER_CASES)
+assert all(any(c["name"] == name for c in CASES) for name in FUSED_AT_2 + FOUR_WORKER_CASES)
 
 
 def fused(case, replicas):
-    if replicas < 3 or case["name"] in FUSED_FROM_3:
+    if replicas == 1 or case["name"] in (FUSED_AT_2 if replicas == 2 else FUSED_FROM_3):
         return case
     return {**case, "kwargs": {**case.get("kwargs", {}), "fused_update": False}}
 
