@@ -139,7 +139,7 @@ def run_worker():
 
 
 # ------------------------------------------------------------ pytest-xdist
-# pyproject.toml runs the suite on two xdist workers. The unit of work handed
+# pyproject.toml runs the suite on three xdist workers. The unit of work handed
 # to a worker: a test class (its tests may share a class-scoped run, e.g. one
 # N of test_equivalence), a whole module if the module defines a module- or
 # session-scoped fixture (its tests share it: run it once), else each test
