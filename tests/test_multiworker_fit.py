@@ -12,8 +12,9 @@ schedule), bit-identical on every worker; the loss and metric that
 one-process evaluation of the same weights; ``predict`` returns every row of
 the input in order; plain ``keras.optimizers.Adam`` after
 ``distadam.enable_multiworker_fit()`` does the same, with
-``steps_per_execution`` > 1 (in the 2-worker job only, for time). The global
-batch (24) splits evenly over 2 and 3 workers.
+``steps_per_execution`` > 1, and Keras' EarlyStopping and ReduceLROnPlateau
+act at the same epochs on every worker (both in the 2-worker job only, for
+time). The global batch (24) splits evenly over 2 and 3 workers.
 """
 
 import json
@@ -92,3 +93,17 @@ def test_model_fit_on_worker_processes_matches_single_device_adam(tmp_path, work
     # creating ShardedAdam in the multi-worker scope enabled it.
     assert "PerReplica" in str(sharded["plain_error"]), str(sharded["plain_error"])
     assert not bool(sharded["enabled_before"]) and bool(sharded["enabled_by_sharded_adam"])
+
+    if workers == 2:
+        # Keras' EarlyStopping and ReduceLROnPlateau on the validation loss:
+        # every worker sees the same global loss, so all reduce the learning
+        # rate after the same epochs (2 and 3: min_delta admits no
+        # improvement after the first) and stop after the same one (3, of 6),
+        # with no worker left waiting in a collective; the weights stay
+        # identical and the reduced rate was used.
+        runs = [np.load(tmp_path / f"rank{r}-callbacks.npz") for r in range(workers)]
+        for rank, run in enumerate(runs[1:], start=1):
+            for key in run.files:
+                np.testing.assert_array_equal(run[key], runs[0][key], err_msg=f"callbacks: rank {rank} {key}")
+        assert int(runs[0]["epochs"]) == 3 and int(runs[0]["iterations"]) == 3 * (STEPS // 2)
+        np.testing.assert_allclose(runs[0]["learning_rates"], [0.01, 0.005, 0.0025], rtol=1e-6)

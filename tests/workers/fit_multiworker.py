@@ -15,6 +15,9 @@ in this order:
 3. (with plain_case) plain ``keras.optimizers.Adam`` after ``distadam.enable_multiworker_fit()``,
    with ``steps_per_execution=STEPS_PER_EXECUTION`` (not a divisor of the
    epoch's steps).
+4. (with plain_case) ShardedAdam under Keras' EarlyStopping and
+   ReduceLROnPlateau on the validation loss: written to OUT_DIR/rank{R}-callbacks.npz
+   (epochs run, the learning rate after each epoch, the weights).
 
 For case i each process writes OUT_DIR/rank{R}-{i}.npz: its weights,
 iterations, fit history, evaluate results, predictions, and the evaluation and
@@ -42,6 +45,7 @@ import tensorflow as tf  # noqa: E402
 from distadam import multiworker_fit  # noqa: E402
 
 EPOCHS = 2
+CALLBACK_EPOCHS = 6
 STEPS_PER_EXECUTION = 3
 BATCH = common.GLOBAL_BATCH
 
@@ -119,4 +123,25 @@ if len(cases) > 1:
                   steps_per_execution=STEPS_PER_EXECUTION)
     np.savez(os.path.join(out_dir, f"rank{rank}-1.npz"), **run(plain_case, model))
     print(f"rank {rank}: {time.monotonic() - STARTED:.1f} s: keras Adam fit done", flush=True)
+
+    # 4. Callbacks that decide from the (global) validation loss. A worker
+    # deciding alone would stop or change its learning rate at another epoch
+    # than the others and hang them in the next collective. min_delta is
+    # larger than any improvement, so both act after epoch 2.
+    kwargs = {**common.build_kwargs(sharded_case), "learning_rate": 0.01}
+    kwargs.pop("global_clipnorm", None)
+    model = build(sharded_case, lambda: distadam.ShardedAdam(**kwargs))
+    learning_rates = []
+    record = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: learning_rates.append(float(model.optimizer.learning_rate.numpy())))
+    history = model.fit(train_data(sharded_case), epochs=CALLBACK_EPOCHS, validation_data=validation, verbose=0,
+                        callbacks=[keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=1,
+                                                                     min_delta=1e9),
+                                   keras.callbacks.EarlyStopping("val_loss", patience=2, min_delta=1e9),
+                                   record])
+    np.savez(os.path.join(out_dir, f"rank{rank}-callbacks.npz"), epochs=np.array(len(history.history["loss"])),
+             learning_rates=np.array(learning_rates), val_loss=np.array(history.history["val_loss"]),
+             iterations=np.array(int(model.optimizer.iterations.numpy())),
+             **{f"w{i}": w for i, w in enumerate(model.get_weights())})
+    print(f"rank {rank}: {time.monotonic() - STARTED:.1f} s: callbacks fit done", flush=True)
 common.exit_now(strategy)
