@@ -93,19 +93,21 @@ def check_sharding_arguments(*, backend, bucket_elements, shard_alignment, skip_
             )
     if not isinstance(backend, str):
         raise TypeError(f"`backend` must be a string, got {backend!r}")
-    if not (isinstance(bucket_elements, str) and bucket_elements == "auto"):
-        try:
-            require_positive_int("bucket_elements", bucket_elements, allow_none=True)
-        except (TypeError, ValueError) as error:
-            raise type(error)(f"{error} (or \"auto\", the default)") from None
+    _require_count_or_auto("bucket_elements", bucket_elements, "buckets sized from the number of workers")
     require_positive_int("shard_alignment", shard_alignment)
     require_positive_int("min_shard_elements", min_shard_elements, minimum=0)
     # Whether it divides the number of workers is checked when the workers are known (build).
-    if not (isinstance(shard_group_size, str) and shard_group_size == "auto"):
-        try:
-            require_positive_int("shard_group_size", shard_group_size, allow_none=True)
-        except (TypeError, ValueError) as error:
-            raise type(error)(f"{error} (or \"auto\": the workers of one node)") from None
+    _require_count_or_auto("shard_group_size", shard_group_size, "the workers of one node")
+
+
+def _require_count_or_auto(name, value, auto_means):
+    """A positive integer, None or the string "auto" (which means ``auto_means``)."""
+    if isinstance(value, str) and value == "auto":
+        return
+    try:
+        require_positive_int(name, value, allow_none=True)
+    except ValueError as error:
+        raise ValueError(f"{error} (or \"auto\": {auto_means})") from None
 
 
 def name_matches(variable, patterns) -> bool:
@@ -132,7 +134,7 @@ def _optional_int(value):
     return None if value is None else int(value)
 
 
-def _bucket_cap(value):  # also shard_group_size: an integer, None or "auto"
+def _int_none_or_auto(value):
     return value if value in (None, "auto") else int(value)
 
 
@@ -144,9 +146,9 @@ def _same(value):
 #: with how it is stored: Adam's own, then the sharding ones.
 OWN_ARGUMENTS = {
     "beta_1": _same, "beta_2": _same, "epsilon": _same, "amsgrad": bool,
-    "backend": _same, "bucket_elements": _bucket_cap, "shard_alignment": int, "skip_nonfinite": bool,
+    "backend": _same, "bucket_elements": _int_none_or_auto, "shard_alignment": int, "skip_nonfinite": bool,
     "max_consecutive_skips": _optional_int, "replicate": tuple, "row_sparse": tuple,
-    "min_shard_elements": int, "shard_group_size": _bucket_cap, "fused_update": bool,
+    "min_shard_elements": int, "shard_group_size": _int_none_or_auto, "fused_update": bool,
 }
 _ADAM_CHECKED = ("learning_rate", "beta_1", "beta_2", "epsilon", "amsgrad", "weight_decay", "clipnorm",
                  "clipvalue", "global_clipnorm", "ema_momentum", "ema_overwrite_frequency", "loss_scale_factor",

@@ -157,8 +157,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--master-weights", action="store_true",
                         help="the ZeRO paper's mixed precision: 16-bit params/grads + fp32 master, m, v (K=12)")
     parser.add_argument("--bucket-elements", type=_bucket_elements, default=DEFAULT_BUCKET_ELEMENTS,
-                        help=f"ShardedAdam(bucket_elements=...): a whole number, or auto (the default: "
-                             "sized from --workers, see distadam.partition.auto_bucket_elements)")
+                        help=f"ShardedAdam(bucket_elements=...): a whole number (default {DEFAULT_BUCKET_ELEMENTS}), "
+                             "or auto (sized from --workers, see distadam.partition.auto_bucket_elements)")
     parser.add_argument("--shard-alignment", type=_bounded_int(1, 1 << 20), default=1,
                         help="ShardedAdam(shard_alignment=...)")
     placement = parser.add_mutually_exclusive_group()

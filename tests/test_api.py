@@ -47,7 +47,7 @@ def test_signature_matches_keras_adam():
         ({"gradient_accumulation_steps": 2.5}, TypeError, "gradient_accumulation_steps"),
         ({"loss_scale_factor": 0.0}, ValueError, "loss_scale_factor"),
         ({"bucket_elements": 0}, ValueError, "bucket_elements"),
-        ({"bucket_elements": "Auto"}, ValueError, r"bucket_elements.*or \"auto\", the default"),
+        ({"bucket_elements": "Auto"}, ValueError, r"bucket_elements.*or \"auto\": buckets sized from the number of workers"),
         ({"bucket_elements": 1.5}, ValueError, "bucket_elements"),
         ({"shard_alignment": 0}, ValueError, "shard_alignment"),
         ({"backend": 3}, TypeError, "backend"),

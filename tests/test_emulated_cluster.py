@@ -31,7 +31,7 @@ from distadam import emulated_cluster, launch
 from distadam.cluster import resolve_cluster
 from distadam.topology import WORKERS_PER_NODE_ENV
 from test_multiworker import SCHEDULE, check_case
-from test_launch import socket_inodes
+from test_launch import socket_inodes, wait_for_files
 
 PROBE = WORKERS / "launch_probe.py"
 RTF_REJECT = 0x0200  # the kernel's own "unreachable" IPv6 default (ip6_null_entry)
@@ -105,17 +105,6 @@ def routes_out(pid):
 
 def interfaces(pid):
     return sorted(launch.network_interfaces(pid))
-
-
-def wait_for_files(directory, pattern, count, timeout, proc):
-    deadline = time.monotonic() + timeout
-    while len(list(Path(directory).glob(pattern))) < count:
-        if proc.poll() is not None:
-            out, _ = proc.communicate()
-            pytest.fail(f"the launcher exited ({proc.returncode}) early:\n{out[-6000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"only {len(list(Path(directory).glob(pattern)))} of {count} {pattern} files appeared")
-        time.sleep(0.1)
 
 
 # ------------------------------------------------------------- the 2x2 job

@@ -97,7 +97,7 @@ def wait_for_files(directory, pattern, count, timeout=60.0, proc=None):
             return
         if proc is not None and proc.poll() is not None:
             out, err = proc.communicate()
-            pytest.fail(f"the launcher exited ({proc.returncode}) early:\n{out[-2000:]}\n{err[-3000:]}")
+            pytest.fail(f"the launcher exited ({proc.returncode}) early:\n{out[-6000:]}\n{(err or '')[-3000:]}")
         time.sleep(0.1)
     pytest.fail(f"only {len(list(Path(directory).glob(pattern)))} of {count} {pattern} files appeared")
 
